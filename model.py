@@ -35,7 +35,11 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 
 def load_pipeline(path, dtype=torch.float32, device="cpu"):
     """Every part of an SD3/SD3.5 pipeline from a local diffusers folder (or a hub id where a network exists)."""
+    import diffusers
+    import transformers
     from diffusers import StableDiffusion3Pipeline
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     if os.path.isdir(path):
         index = os.path.join(path, "model_index.json")
         if not os.path.isfile(index):
@@ -47,7 +51,7 @@ def load_pipeline(path, dtype=torch.float32, device="cpu"):
                 raise UserError(f"{path}: SD3 pipeline part '{part}' is missing (expected folder {path}/{part})")
     elif os.path.exists(path) or path.count("/") != 1:
         raise UserError(f"{path}: no such pipeline folder (give a local SD3/SD3.5 diffusers folder)")
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype)
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

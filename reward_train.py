@@ -1,0 +1,383 @@
+"""Bradley-Terry training of the DRM on preference pairs (PAPER.md section 1).
+
+For each pair (winner, loser, prompt) draw ONE noise level sigma (logit-normal by default), noise the two VAE-mean
+latents with independent noise to that sigma, score both with the DRM at timestep 1000 * sigma and minimise
+-log sigmoid(s_win - s_lose). Held-out pairs are scored clean (t = 0, winner strictly above loser, the authors'
+rule) and at each noise level of --eval-sigmas, to show how accuracy falls with noise.
+
+Departures from the authors' code: the backbone is frozen by default (the design's default; --backbone full is
+their recipe); clean latents use the VAE mean, not a sample; the sampled sigma is continuous, not snapped to the
+scheduler's grid; a bad record is an error (or, with --skip-bad, skipped and counted), never replaced.
+
+    python reward_train.py                                   # demo: tiny pipeline + generated pairs, CPU ok
+    python reward_train.py --model /models/sd3.5-medium --train-data hpdv3/train.json:hpdv3/images \\
+        --test-data hpdv3/test.json:hpdv3/images --out runs/drm
+    torchrun --nproc_per_node=8 reward_train.py --model /models/sd3.5-medium --backbone full \\
+        --train-data hpdv3/train.json:hpdv3/images --test-data hpdv3/test.json:hpdv3/images --out runs/drm
+"""
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import UserError, load_preference_data, make_demo_pairs
+from model import DRM, encode_images, encode_prompts, load_pipeline, save_drm
+
+
+@dataclass
+class Args:
+    model: str = field(default="", metadata={"help": "SD3/SD3.5 diffusers folder; empty: the demo (a tiny random "
+                                                     "pipeline and generated pairs under --out)"})
+    train_data: list = field(default_factory=list, metadata={"help": "pairs file (HPDv3 .json or .jsonl), "
+                                                                     "optionally ':IMAGE_DIR'; repeatable"})
+    test_data: list = field(default_factory=list, metadata={"help": "held-out pairs, same format; repeatable"})
+    min_confidence: float = field(default=0.95, metadata={"help": "drop pairs whose 'confidence' is lower"})
+    skip_bad: bool = field(default=False, metadata={"help": "skip (and count) bad records instead of stopping"})
+    resolution: int = field(default=0, metadata={"help": "square training size in px; 0: 512 (64 in the demo)"})
+    max_sequence_length: int = field(default=512, metadata={"help": "T5 tokens (the authors trained with 512)"})
+    skip_last_blocks: int = field(default=3, metadata={"help": "m: run the first N - m blocks (3 Medium, 5 Large)"})
+    backbone: str = field(default="frozen", metadata={"help": "frozen | lora | full (the authors' recipe)"})
+    train_output_layers: bool = field(default=True, metadata={"help": "frozen mode: train private copies of "
+                                                                      "norm_out / proj_out too"})
+    lora_rank: int = field(default=32, metadata={"help": "LoRA rank (--backbone lora)"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (--backbone lora)"})
+    timestep_sampling: str = field(default="logit_normal", metadata={"help": "logit_normal | uniform"})
+    logit_mean: float = field(default=0.0, metadata={"help": "logit-normal mean"})
+    logit_std: float = field(default=1.0, metadata={"help": "logit-normal std"})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    batch_size: int = field(default=2, metadata={"help": "pairs per GPU per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: --epochs)"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute prefix blocks in backward"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the DRM"})
+    num_workers: int = field(default=2, metadata={"help": "image-loading worker processes per rank"})
+    eval_every: int = field(default=500, metadata={"help": "evaluate every N steps (and at the end); 0: end only"})
+    eval_sigmas: str = field(default="0,0.25,0.5,0.75,0.9", metadata={"help": "noise levels for held-out accuracy"})
+    eval_batch_size: int = field(default=8, metadata={"help": "pairs per GPU when evaluating"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
+    out: str = field(default="runs/drm", metadata={"help": "output folder: checkpoint.pt, drm.safetensors, "
+                                                           "metrics.jsonl"})
+    resume: str = field(default="", metadata={"help": "'latest' (OUT/checkpoint.pt, if any) or a checkpoint path"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    demo_pairs: int = field(default=384, metadata={"help": "demo only: generated training pairs"})
+
+
+def parse_args(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        elif f.type is list:
+            parser.add_argument(flag, action="append", default=[], help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
+    return Args(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The math
+
+def sample_sigmas(n, scheme, generator, mean=0.0, std=1.0):
+    """One noise level per pair: sigmoid of a normal (logit-normal, SD3's training density) or uniform."""
+    if scheme == "logit_normal":
+        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=generator.device))
+    return torch.rand(n, generator=generator, device=generator.device)
+
+
+def add_noise(x0, noise, sigma):
+    """x_sigma = (1 - sigma) x0 + sigma eps, sigma (B,)."""
+    sigma = sigma.view(-1, *[1] * (x0.ndim - 1))
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def bt_loss(score_win, score_lose):
+    """Bradley-Terry negative log-likelihood that the winner beats the loser."""
+    return -F.logsigmoid(score_win - score_lose).mean()
+
+
+def batch_indices(step, micro, rank, world, batch_size, grad_accum, num_pairs, seed):
+    """Pair indices of one micro-batch: a fresh permutation each epoch, rank-strided. The data position is the
+    step itself, so resuming needs no sampler state."""
+    start = ((step * grad_accum + micro) * world + rank) * batch_size
+    indices = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, num_pairs)
+        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        indices.append(int(order[offset]))
+    return indices
+
+
+class StepBatches(torch.utils.data.Sampler):
+    def __init__(self, first_step, last_step, **kw):
+        self.first_step, self.last_step, self.kw = first_step, last_step, kw
+
+    def __iter__(self):
+        for step in range(self.first_step, self.last_step):
+            for micro in range(self.kw["grad_accum"]):
+                yield batch_indices(step, micro, **self.kw)
+
+    def __len__(self):
+        return (self.last_step - self.first_step) * self.kw["grad_accum"]
+
+
+def collate(items):
+    return dict(prompt=[i["prompt"] for i in items], winner=torch.stack([i["winner"] for i in items]),
+                loser=torch.stack([i["loser"] for i in items]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed, checkpoints, evaluation
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return rank, world, torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return rank, world, torch.device("cpu")
+
+
+def print0(*a, rank=0):
+    if rank == 0:
+        print(*a, flush=True)
+
+
+def rng_state(generator):
+    state = dict(torch=torch.get_rng_state(), noise=generator.get_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["noise"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path, drm, optimizer, step, rng_states, args):
+    """One plain dict, written to a temp file and renamed, so a crash never leaves half a checkpoint."""
+    checkpoint = dict(drm=drm.trainable_state_dict(), optimizer=optimizer.state_dict(), step=step,
+                      rng=rng_states, args=asdict(args))
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+@torch.no_grad()
+def evaluate(drm, pipe, test_set, sigmas, args, rank, world, device, dtype):
+    """Held-out accuracy at each noise level: winner's score strictly above the loser's. The same noise draw on
+    every call, so evaluations along training are comparable."""
+    drm.eval()
+    generator = torch.Generator(device).manual_seed(12345 + rank)
+    correct, total = torch.zeros(len(sigmas), device=device), torch.zeros((), device=device)
+    mine = list(range(rank, len(test_set), world))
+    for start in range(0, len(mine), args.eval_batch_size):
+        batch = collate([test_set[i] for i in mine[start:start + args.eval_batch_size]])
+        n = len(batch["prompt"])
+        embeds, pooled = encode_prompts(pipe, batch["prompt"], args.max_sequence_length)
+        x0 = encode_images(pipe.vae, torch.cat([batch["winner"], batch["loser"]]).to(device)).float()  # (2n, C, h, w)
+        for j, sigma in enumerate(sigmas):
+            noise = torch.randn(x0.shape, generator=generator, device=device)
+            x = add_noise(x0, noise, torch.full((2 * n,), sigma, device=device))
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                scores = drm(x, torch.full((2 * n,), 1000 * sigma, device=device),
+                             embeds.repeat(2, 1, 1), pooled.repeat(2, 1))
+            correct[j] += (scores[:n] > scores[n:]).sum()
+        total += n
+    if world > 1:
+        dist.all_reduce(correct)
+        dist.all_reduce(total)
+    drm.train()
+    return {f"acc@{s:g}": round(float(c / total), 4) for s, c in zip(sigmas, correct)} | {"pairs": int(total)}
+
+
+def prepare_demo(args, rank):
+    """The embedded default: a tiny random SD3.5-style pipeline and generated clean-vs-degraded pairs."""
+    from tiny_pipeline import save_tiny_pipeline
+    root = os.path.join(args.out, "demo")
+    if rank == 0 and not os.path.isfile(os.path.join(root, "test.json")):
+        save_tiny_pipeline(os.path.join(root, "pipeline"), seed=args.seed)
+        make_demo_pairs(root, args.demo_pairs, seed=args.seed, name="train.json")
+        make_demo_pairs(root, 128, seed=args.seed + 1, name="test.json")
+    if dist.is_initialized():
+        dist.barrier()
+    args.model = os.path.join(root, "pipeline")
+    args.train_data, args.test_data = [os.path.join(root, "train.json")], [os.path.join(root, "test.json")]
+    args.resolution = args.resolution or 64
+
+
+def check_args(args):
+    if args.backbone not in ("frozen", "lora", "full"):
+        raise UserError(f"--backbone {args.backbone}: choose frozen, lora or full")
+    if args.timestep_sampling not in ("logit_normal", "uniform"):
+        raise UserError(f"--timestep-sampling {args.timestep_sampling}: choose logit_normal or uniform")
+    if args.precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--precision {args.precision}: choose auto, bf16 or fp32")
+    for name in ("batch_size", "grad_accum", "eval_batch_size", "lora_rank", "max_sequence_length"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.model and not args.train_data:
+        raise UserError("--train-data is required with --model (an HPDv3 .json or .jsonl of pairs)")
+    if args.resume and args.resume != "latest" and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such checkpoint file")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(args):
+    check_args(args)
+    rank, world, device = setup_distributed()
+    if not args.model:
+        prepare_demo(args, rank)
+    args.resolution = args.resolution or 512
+    dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
+        else torch.float32
+    torch.manual_seed(args.seed + rank)
+    os.makedirs(args.out, exist_ok=True)
+
+    train_set, skipped = load_preference_data(args.train_data, args.resolution, args.min_confidence, args.skip_bad)
+    test_set, test_skipped = (load_preference_data(args.test_data, args.resolution, args.min_confidence,
+                                                   args.skip_bad) if args.test_data else (None, 0))
+    print0(f"pairs: {len(train_set)} train ({skipped} bad skipped), "
+           f"{len(test_set) if test_set else 0} test ({test_skipped} bad skipped)", rank=rank)
+
+    # Model: frozen VAE and text encoders; the DRM over the transformer (frozen parts in `dtype`, trained in fp32).
+    pipe = load_pipeline(args.model, device=device)
+    multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    if args.resolution % multiple:
+        raise UserError(f"--resolution {args.resolution} must be divisible by {multiple} for {args.model}")
+    for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if part is not None:
+            part.requires_grad_(False)
+            if dtype != torch.float32:
+                part.to(dtype)
+    drm = DRM(pipe.transformer, args.skip_last_blocks, args.backbone, args.train_output_layers,
+              args.lora_rank, args.lora_alpha).to(device)
+    for p in drm.parameters():
+        p.data = p.data.float() if p.requires_grad else p.data.to(dtype)
+    drm.gradient_checkpointing = args.gradient_checkpointing
+    drm.train()
+    trainable = [p for p in drm.parameters() if p.requires_grad]
+    print0(f"DRM: {drm.prefix_blocks} prefix blocks, backbone {args.backbone}, "
+           f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained parameters, {dtype}", rank=rank)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    model = torch.nn.parallel.DistributedDataParallel(drm, device_ids=[device.index] if device.type == "cuda"
+                                                      else None) if world > 1 else drm
+    if args.compile:
+        model = torch.compile(model)
+
+    # Resume: weights, optimizer, step (= data position), every rank's RNG states.
+    noise_generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
+    start_step, checkpoint_path = 0, os.path.join(args.out, "checkpoint.pt")
+    resume_path = checkpoint_path if args.resume == "latest" else args.resume
+    if resume_path and os.path.isfile(resume_path):
+        checkpoint = torch.load(resume_path, map_location=device, weights_only=False)
+        drm.load_state_dict(checkpoint["drm"], strict=False)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step = checkpoint["step"]
+        if len(checkpoint["rng"]) == world:
+            set_rng_state(checkpoint["rng"][rank], noise_generator)
+        else:
+            print0(f"resume: {len(checkpoint['rng'])} ranks saved RNG states, {world} now: reseeding", rank=rank)
+        print0(f"resumed from {resume_path} at step {start_step}", rank=rank)
+    elif args.resume == "latest":
+        print0(f"--resume latest: no {checkpoint_path} yet, starting fresh", rank=rank)
+
+    pairs_per_step = args.batch_size * args.grad_accum * world
+    total_steps = args.max_steps or max(1, math.floor(args.epochs * len(train_set) / pairs_per_step))
+    loader = torch.utils.data.DataLoader(
+        train_set, num_workers=args.num_workers, collate_fn=collate, generator=torch.Generator(),
+        batch_sampler=StepBatches(start_step, total_steps, rank=rank, world=world, batch_size=args.batch_size,
+                                  grad_accum=args.grad_accum, num_pairs=len(train_set), seed=args.seed))
+    batches = iter(loader)
+    sigmas_eval = [float(s) for s in args.eval_sigmas.split(",")]
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, then exit
+    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
+
+    def checkpoint_now(step):
+        states = [rng_state(noise_generator)]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, rng_state(noise_generator))
+        if rank == 0:
+            save_checkpoint(checkpoint_path, drm, optimizer, step, states, args)
+            save_drm(drm, os.path.join(args.out, "drm.safetensors"), args.model, args.max_sequence_length)
+
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=rank != 0)
+    for step in bar:
+        t0 = time.time()
+        loss_sum, correct = 0.0, 0
+        for micro in range(args.grad_accum):
+            batch = next(batches)
+            n = len(batch["prompt"])
+            # 1. Encode: clean latents (VAE mean) for winners then losers, and the prompt embeddings.
+            x0 = encode_images(pipe.vae, torch.cat([batch["winner"], batch["loser"]]).to(device)).float()  # (2n,C,h,w)
+            embeds, pooled = encode_prompts(pipe, batch["prompt"], args.max_sequence_length)
+            # 2. One sigma per pair, shared by winner and loser; independent noise for the two.
+            sigma = sample_sigmas(n, args.timestep_sampling, noise_generator, args.logit_mean, args.logit_std)
+            sigma = torch.cat([sigma, sigma])  # (2n,)
+            x = add_noise(x0, torch.randn(x0.shape, generator=noise_generator, device=device), sigma)
+            # 3. Score both and take the Bradley-Terry loss.
+            sync = micro == args.grad_accum - 1 or world == 1  # DDP all-reduces grads on the last micro-batch
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), \
+                    (model.no_sync() if not sync else contextlib.nullcontext()):
+                scores = model(x, 1000 * sigma, embeds.repeat(2, 1, 1), pooled.repeat(2, 1))  # (2n,)
+                loss = bt_loss(scores[:n], scores[n:])
+                (loss / args.grad_accum).backward()
+            loss_sum += loss.item() / args.grad_accum
+            correct += int((scores[:n] > scores[n:]).sum())
+        # 4. Update.
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 5. Log, evaluate, checkpoint.
+        done = step + 1
+        row = dict(step=done, loss=round(loss_sum, 5), train_acc=round(correct / (n * args.grad_accum), 4),
+                   grad_norm=round(float(grad_norm), 4), pairs_per_s=round(pairs_per_step / (time.time() - t0), 3))
+        if test_set is not None and (done == total_steps or (args.eval_every and done % args.eval_every == 0)):
+            row["eval"] = evaluate(drm, pipe, test_set, sigmas_eval, args, rank, world, device, dtype)
+            print0(f"step {done} held-out accuracy: {row['eval']}", rank=rank)
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            bar.set_postfix(loss=row["loss"], acc=row["train_acc"])
+        if world > 1:
+            flag = torch.tensor(float(stop["requested"]), device=device)
+            dist.all_reduce(flag)
+            stop["requested"] = bool(flag > 0)
+        if done == total_steps or done % args.save_every == 0 or stop["requested"]:
+            checkpoint_now(done)
+        if stop["requested"]:
+            print0(f"SIGTERM: checkpoint written at step {done}, exiting", rank=rank)
+            break
+    bar.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
