@@ -20,7 +20,8 @@ FLOPs: counted with torch.utils.flop_counter.FlopCounterMode on one eager forwar
 (matmuls, attention, convolutions; elementwise ops and the optimizer are not counted), times B: every counted op
 is per sample, so the count is exact in B. Recompute under gradient checkpointing is not counted (model FLOPs).
 The % column is against --peak_tflops (790: an 8192^3 bf16 matmul on this H200); the run also measures that
-matmul itself and prints it.
+matmul itself and prints it. Peak memory is torch.cuda.max_memory_allocated from the first training step on
+(weights, optimizer state, gradients, activations; the build's transient fp32 copy is left out).
 
 Commands:
   python bench/bench_reward_train.py                      # GPU, SD3.5-Medium shape (~5 min on one H200)
@@ -202,6 +203,8 @@ def run_config(mode, pairs, use_compile, gradient_checkpointing, flops_per_pair)
     if mode not in flops_per_pair:
         flops_per_pair[mode] = count_flops_per_pair(drm)
     batch = make_batch(pairs)
+    if device.type == "cuda":  # peak of training only: not the fp32 -> bf16 transient of building a frozen backbone
+        torch.cuda.reset_peak_memory_stats()
     scorer = torch.compile(drm) if use_compile else drm  # shares drm's parameters
 
     def step():
@@ -314,8 +317,8 @@ if __name__ == "__main__":
     print()
     print_table(results)
     for m, (f, ops) in flops_per_pair.items():
-        print(f"# {m}: {f / 1e12:.3f} TFLOP per pair counted ("
-              + ", ".join(f"{op.split('.')[-1]} {n / 1e12:.3f}" for op, n in ops.items()) + ")")
+        print(f"# {m}: {f / 1e9:.1f} GFLOP per pair counted ("
+              + ", ".join(f"{op.split('.')[-1]} {n / 1e9:.1f}" for op, n in ops.items()) + ")")
     for r in results:
         if r.get("compile_s") is not None:
             print(f"# compile ({r['mode']} B={r['pairs']}): first step {r['first_step_s']:.1f} s, "
