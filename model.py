@@ -145,12 +145,13 @@ class DRM(nn.Module):
                             f"for a transformer of {num_blocks} blocks")
         self.transformer = transformer
         self.prefix_blocks = num_blocks - skip_last_blocks
-        self.mode, self.train_output_layers = mode, train_output_layers
+        # Only frozen mode has private output layers; full trains the transformer's own, lora leaves them.
+        self.mode, self.train_output_layers = mode, train_output_layers and mode == "frozen"
         self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
         self.gradient_checkpointing = False
         if mode == "frozen":
             transformer.requires_grad_(False)
-            if train_output_layers:  # private copies: the generator's own norm_out / proj_out never change
+            if self.train_output_layers:  # private copies: the generator's own norm_out / proj_out never change
                 self.norm_out = copy.deepcopy(transformer.norm_out).requires_grad_(True)
                 self.proj_out = copy.deepcopy(transformer.proj_out).requires_grad_(True)
         elif mode == "lora":
@@ -219,9 +220,15 @@ def score_images(drm, vae, pixels, prompt_embeds, pooled_prompt_embeds):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: ours (trained parameters + config in safetensors metadata) and the authors' (full state dict)
 
+def transformer_architecture(transformer):
+    """The transformer's config as JSON values: a DRM fits only the architecture it was trained over."""
+    return json.loads(json.dumps({k: v for k, v in transformer.config.items() if not k.startswith("_")}))
+
+
 def save_drm(drm, path, base_model="", max_sequence_length=512):
     """Write the trained parameters and the DRM config (base, m, T5 length, mode) to one safetensors file."""
-    config = dict(drm.config_dict(), base_model=str(base_model), max_sequence_length=max_sequence_length)
+    config = dict(drm.config_dict(), base_model=str(base_model), max_sequence_length=max_sequence_length,
+                  transformer_config=transformer_architecture(drm.transformer))
     tensors = {k: v.contiguous().cpu() for k, v in drm.trainable_state_dict().items()}
     tmp = f"{path}.tmp"
     save_file(tensors, tmp, metadata={"drm_config": json.dumps(config)})
@@ -249,6 +256,12 @@ def load_drm(path, transformer, skip_last_blocks=3):
     official = config is None
     if official:  # the authors' layout: full-depth fine-tuned transformer + head
         config = dict(skip_last_blocks=skip_last_blocks, mode="full", train_output_layers=False)
+    # A frozen head-only file has no tensor whose shape would betray another base model: compare the configs.
+    saved, current = config.get("transformer_config"), transformer_architecture(transformer)
+    if saved is not None and saved != current:
+        changed = ", ".join(f"{k}={saved.get(k)} (here {current.get(k)})"
+                            for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k))
+        raise UserError(f"{path}: the DRM was trained over a transformer with {changed}: load it over that base model")
     own = transformer if config["mode"] == "frozen" else copy.deepcopy(transformer)
     drm = DRM(own, **{k: config[k] for k in ("skip_last_blocks", "mode", "train_output_layers")},
               **{k: config[k] for k in ("lora_rank", "lora_alpha") if k in config})
