@@ -167,9 +167,11 @@ class DRM(nn.Module):
             transformer.requires_grad_(True)
         self.reward_output = RewardHead(transformer.config.out_channels)
         # Parameters that cannot reach the score must not train (DDP requires every trainable one to get a grad):
-        # the skipped blocks, and the context-output path of the last prefix block (its context stream is unused).
+        # the skipped blocks, and the context-output path of the last prefix block (its context stream is unused;
+        # its context queries only feed that stream, so they would get zero gradients and only decay).
         last = transformer.transformer_blocks[self.prefix_blocks - 1]
-        for module in [*transformer.transformer_blocks[self.prefix_blocks:], last.attn.to_add_out, last.ff_context]:
+        for module in [*transformer.transformer_blocks[self.prefix_blocks:], last.attn.to_add_out, last.ff_context,
+                       last.attn.add_q_proj, last.attn.norm_added_q]:
             if module is not None:
                 module.requires_grad_(False)
 
@@ -258,9 +260,10 @@ def load_drm(path, transformer, skip_last_blocks=3):
         config = dict(skip_last_blocks=skip_last_blocks, mode="full", train_output_layers=False)
     # A frozen head-only file has no tensor whose shape would betray another base model: compare the configs.
     saved, current = config.get("transformer_config"), transformer_architecture(transformer)
-    if saved is not None and saved != current:
-        changed = ", ".join(f"{k}={saved.get(k)} (here {current.get(k)})"
-                            for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k))
+    # Only fields both configs know: another diffusers version may add or drop optional ones.
+    changed = ", ".join(f"{k}={saved[k]} (here {current[k]})" for k in sorted(saved.keys() & current.keys())
+                        if saved[k] != current[k]) if saved is not None else ""
+    if changed:
         raise UserError(f"{path}: the DRM was trained over a transformer with {changed}: load it over that base model")
     own = transformer if config["mode"] == "frozen" else copy.deepcopy(transformer)
     drm = DRM(own, **{k: config[k] for k in ("skip_last_blocks", "mode", "train_output_layers")},

@@ -290,6 +290,10 @@ def main(args):
     resume_path = checkpoint_path if args.resume == "latest" else args.resume
     if resume_path and os.path.isfile(resume_path):
         checkpoint = torch.load(resume_path, map_location=device, weights_only=False)
+        for name in ("backbone", "skip_last_blocks", "train_output_layers", "lora_rank"):
+            if checkpoint["args"][name] != getattr(args, name):
+                raise UserError(f"--resume {resume_path}: the checkpoint was trained with --{name.replace('_', '-')} "
+                                f"{checkpoint['args'][name]}, this run has {getattr(args, name)}")
         drm.load_state_dict(checkpoint["drm"], strict=False)
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_step = checkpoint["step"]
@@ -379,5 +383,6 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # A DataLoader worker's error arrives wrapped in its traceback: its last line is the message.
+        print(f"error: {str(e).strip().splitlines()[-1].removeprefix('data.UserError: ')}", file=sys.stderr)
         sys.exit(2)

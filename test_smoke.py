@@ -725,6 +725,9 @@ def test_train_sigterm_writes_checkpoint(tiny_dir, pair_files, tmp_path):
     assert f"SIGTERM: checkpoint written at step {step}" in text
     assert (out / "drm.safetensors").exists()
     assert read_metrics(out)[-1]["step"] == step
+    # Resuming that frozen checkpoint as another backbone is refused, naming the flag.
+    rc, log = run(command + ["--resume", "latest", "--backbone", "full"], tmp_path / "mismatch.txt")
+    assert rc != 0 and "error:" in log and "--backbone frozen" in log, log[-3000:]
 
 
 BAD_INPUTS = {
