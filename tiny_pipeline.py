@@ -27,8 +27,9 @@ TINY_TRANSFORMER = dict(sample_size=32, patch_size=2, in_channels=16, out_channe
 _CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 
 
-def tiny_tokenizers():
-    """Character-level CLIP and T5 tokenizers, built from in-memory vocabularies."""
+def tiny_tokenizers(words=()):
+    """Character-level CLIP and T5 tokenizers, built from in-memory vocabularies. `words` become whole-word T5
+    pieces (preferred over spelling them out), so a small fixed vocabulary reads as words."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in _CHARS:
         vocab[c] = len(vocab)
@@ -36,6 +37,7 @@ def tiny_tokenizers():
     clip = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
     pieces += [("\u2581" + c, -1.0) for c in _CHARS] + [(c, -2.0) for c in _CHARS]
+    pieces += [("\u2581" + w, -0.5) for w in words if len(w) > 1]
     t5 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
     return clip, t5
 

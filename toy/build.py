@@ -1,0 +1,349 @@
+"""Rebuild the toy world from a seed: a tiny SD3-architecture pipeline trained here, its samples labelled by the
+oracle as an HPDv3 preference set, and a DRM trained on that set by reward_train.py (the real data path).
+
+1. Data: renders of train prompts, half of them degraded (blur, noise, smear, recolour, move, drop at random
+   strength), so the trained generator spreads in quality and leaves room to improve.
+2. VAE: a 16-latent-channel AutoencoderKL (64 px -> 16 x 16 latents), L1 + small KL; shift/scale set from the
+   latent statistics, as SD3's are.
+3. Transformer: SD3Transformer2DModel with SD3.5's features (dual attention, rms qk-norm), rectified-flow
+   training (logit-normal t, v = eps - x0) on frozen random CLIP-L/CLIP-G/T5 text encoders (T5 reads the toy
+   vocabulary as whole words); 10% empty prompts for classifier-free guidance.
+4. Preference set: base samples (the diffusers pipeline, CFG) for train and held-out prompts, pairs of samples of
+   the same prompt, winner = higher oracle, confidence = 1 - exp(-gap / 0.05) (>= 0.95 iff gap >= 0.15).
+5. DRM: `reward_train.py` on those files, frozen backbone.
+
+    python -m toy.build --out runs/toy                     # ~8 min on one H200; CPU works (use --quick)
+    python -m toy.build --out runs/toy --quick             # a few minutes on CPU: tiny budgets, for testing
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from multiprocessing import Pool
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel  # noqa: E402
+
+from tiny_pipeline import tiny_tokenizers  # noqa: E402
+from toy import world  # noqa: E402
+
+MAX_SEQUENCE_LENGTH = 16  # T5 tokens: every toy prompt fits
+TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=6,
+                   attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
+                   caption_projection_dim=128, pooled_projection_dim=96, pos_embed_max_size=16,
+                   dual_attention_layers=(0, 1, 2), qk_norm="rms_norm")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/toy", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything")
+    p.add_argument("--quick", action="store_true", help="tiny budgets (CPU smoke run); the result is not useful")
+    p.add_argument("--num-images", type=int, default=60000, help="training renders (half degraded)")
+    p.add_argument("--vae-steps", type=int, default=3000, help="VAE training steps")
+    p.add_argument("--steps", type=int, default=8000, help="transformer training steps")
+    p.add_argument("--vae-minutes", type=float, default=1.0, help="cap on VAE training time (steps shrink to fit)")
+    p.add_argument("--transformer-minutes", type=float, default=3.5, help="cap on transformer training time")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size for VAE and transformer")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="base samples per prompt for the pairs")
+    p.add_argument("--sample-steps", type=int, default=20, help="denoising steps for the preference samples")
+    p.add_argument("--guidance", type=float, default=4.5, help="CFG scale for the preference samples")
+    p.add_argument("--drm-steps", type=int, default=1500, help="DRM training steps (reward_train.py)")
+    p.add_argument("--drm-modes", default="frozen", help="backbone modes to train, comma-separated (compare)")
+    p.add_argument("--drm-args", default="", help="extra reward_train.py flags, e.g. '--backbone full'")
+    p.add_argument("--stages", default="data,vae,transformer,pairs,drm", help="which stages to run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_images, args.vae_steps, args.steps, args.batch_size = 512, 30, 30, 32
+        args.samples_per_prompt, args.sample_steps, args.drm_steps = 2, 4, 20
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Data
+
+def _render_chunk(job):
+    seed, prompts = job
+    rng = np.random.default_rng(seed)
+    images = []
+    for prompt in prompts:
+        img = world.render(prompt, rng)
+        if rng.random() < 0.5:
+            img = world.degrade(img, world.DEGRADATIONS[rng.integers(len(world.DEGRADATIONS))], rng,
+                                float(rng.uniform(0.3, 1.0)), prompt=prompt)
+        images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+    return np.stack(images)
+
+
+def make_training_images(prompts, num_images, seed, workers):
+    """(N, 64, 64, 3) uint8 renders of random train prompts (half degraded) and their prompts."""
+    rng = np.random.default_rng(seed)
+    chosen = [prompts[i] for i in rng.integers(len(prompts), size=num_images)]
+    chunks = [(seed * 7919 + i, chosen[i:i + 1000]) for i in range(0, num_images, 1000)]
+    with Pool(workers) as pool:
+        images = np.concatenate(pool.map(_render_chunk, chunks))
+    return images, chosen
+
+
+def to_pixels(images):
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2-3. The pipeline
+
+def new_pipeline(seed):
+    torch.manual_seed(seed)
+    words = sorted({w for p in world.all_prompts() for w in p.split()})
+    clip_tok, t5_tok = tiny_tokenizers(words)
+
+    def clip_encoder(width):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, projection_dim=width, max_position_embeddings=77,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+    # CLIP-L 32 + CLIP-G 64 = 96 = pooled width, zero-padded to the T5 width 128 = joint_attention_dim.
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=128, d_kv=32, d_ff=256, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 128],
+                        layers_per_block=1, latent_channels=16, norm_num_groups=16, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**TRANSFORMER), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae, text_encoder=clip_encoder(32), tokenizer=clip_tok, text_encoder_2=clip_encoder(64),
+        tokenizer_2=clip_tok, text_encoder_3=t5, tokenizer_3=t5_tok)
+
+
+def fit_steps(planned, minutes, t0, done):
+    """Shrink a planned step count to fit a time budget, from the speed of the first `done` steps."""
+    per_step = (time.time() - t0) / done
+    return max(done + 1, min(planned, int(minutes * 60 / per_step)))
+
+
+def cosine_lr(optimizer, step, total, peak, warmup=200):
+    lr = peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_vae(vae, images, args, device):
+    """Reconstruction (L1) + a small KL; returns the last losses."""
+    vae.train().to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    total, t0, step = args.vae_steps, time.time(), 0
+    while step < total:
+        idx = torch.randint(len(images), (args.batch_size,), generator=g)
+        x = to_pixels(images[idx.numpy()]).to(device)
+        cosine_lr(optimizer, step, total, 1e-3)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon.float(), x) + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if step == 20:
+            total = fit_steps(total, args.vae_minutes, t0, step)
+        if step % 500 == 0:
+            print(f"vae step {step}/{total} l1 {loss.item():.4f}", flush=True)
+    vae.eval()
+    return dict(l1=float(loss), steps=step)
+
+
+@torch.no_grad()
+def encode_all(vae, images, device, batch=512):
+    return torch.cat([vae.encode(to_pixels(images[i:i + batch]).to(device)).latent_dist.mean.float().cpu()
+                      for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def prompt_table(pipe, prompts, device):
+    """Embeddings of each distinct prompt (and of "", for CFG dropout), computed once."""
+    distinct = sorted(set(prompts)) + [""]
+    embeds, pooled = [], []
+    for i in range(0, len(distinct), 256):
+        e, _, p, _ = pipe.encode_prompt(prompt=distinct[i:i + 256], prompt_2=None, prompt_3=None, device=device,
+                                        do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH)
+        embeds.append(e.float())
+        pooled.append(p.float())
+    return {p: i for i, p in enumerate(distinct)}, torch.cat(embeds), torch.cat(pooled)
+
+
+def train_transformer(pipe, latents, prompts, args, device):
+    """Rectified flow: x_t = (1 - t) x0 + t eps, predict v = eps - x0 at timestep 1000 t, t logit-normal."""
+    transformer = pipe.transformer.train().to(device)
+    index, embeds, pooled = prompt_table(pipe, prompts, device)
+    ids = torch.tensor([index[p] for p in prompts])
+    empty = index[""]
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=3e-4, weight_decay=0.01)
+    g = torch.Generator().manual_seed(args.seed + 2)
+    losses, total, t0, step = [], args.steps, time.time(), 0
+    while step < total:
+        idx = torch.randint(len(latents), (args.batch_size,), generator=g)
+        x0 = latents[idx].to(device)
+        cond = torch.where(torch.rand(args.batch_size, generator=g) < 0.1, empty, ids[idx]).to(device)
+        t = torch.sigmoid(torch.randn(args.batch_size, generator=g)).to(device)
+        eps = torch.randn(x0.shape, generator=g).to(device)
+        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+        cosine_lr(optimizer, step, total, 3e-4)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            v = transformer(hidden_states=xt, encoder_hidden_states=embeds[cond], pooled_projections=pooled[cond],
+                            timestep=1000 * t, return_dict=False)[0]
+        loss = F.mse_loss(v.float(), eps - x0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        step += 1
+        if step == 20:
+            total = fit_steps(total, args.transformer_minutes, t0, step)
+        if step % 1000 == 0:
+            print(f"transformer step {step}/{total} loss {np.mean(losses[-100:]):.4f}", flush=True)
+    transformer.eval()
+    return dict(loss=float(np.mean(losses[-100:])), steps=step)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Samples and the preference set
+
+@torch.no_grad()
+def sample(pipe, prompts, seed, steps, guidance, batch=256):
+    """uint8 (N, 64, 64, 3) samples of the diffusers pipeline, one generator seed per prompt index."""
+    out = []
+    for i in tqdm(range(0, len(prompts), batch), desc="sample", mininterval=5):
+        chunk = prompts[i:i + batch]
+        generators = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+        images = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
+                      generator=generators, max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="np").images
+        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def confidence(gap):
+    return 1 - math.exp(-abs(gap) / 0.05)
+
+
+def write_pairs(folder, name, prompts, images, scores, per_prompt):
+    """All pairs among the samples of each prompt, winner first; PNGs under folder/images/name/."""
+    from PIL import Image
+    os.makedirs(os.path.join(folder, "images", name), exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(f"images/{name}/{i:06d}.png")
+        Image.fromarray(img).save(os.path.join(folder, paths[-1]))
+    records = []
+    for start in range(0, len(prompts), per_prompt):
+        for a in range(start, start + per_prompt):
+            for b in range(a + 1, start + per_prompt):
+                if scores[a] == scores[b]:
+                    continue
+                win, lose = (a, b) if scores[a] > scores[b] else (b, a)
+                records.append(dict(prompt=prompts[a], path1=paths[win], path2=paths[lose],
+                                    confidence=round(confidence(scores[a] - scores[b]), 4),
+                                    oracle1=round(float(scores[win]), 4), oracle2=round(float(scores[lose]), 4)))
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump(records, f)
+    return records
+
+
+def summary(scores):
+    return dict(mean=round(float(scores.mean()), 4), std=round(float(scores.std()), 4), n=int(len(scores)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    stages, report, t_start = set(args.stages.split(",")), {}, time.time()
+    train_prompts, held_out = world.split_prompts()
+    pipeline_dir = os.path.join(args.out, "pipeline")
+
+    if "data" in stages or "vae" in stages or "transformer" in stages:
+        t0 = time.time()
+        images, prompts = make_training_images(train_prompts, args.num_images, args.seed, os.cpu_count() or 1)
+        report["data"] = dict(images=len(images), seconds=round(time.time() - t0, 1),
+                              oracle=summary(world.score(images[:2000], prompts[:2000])))
+        print(f"1. data: {report['data']}", flush=True)
+        pipe = new_pipeline(args.seed)
+        t0 = time.time()
+        report["vae"] = train_vae(pipe.vae, images, args, device)
+        latents = encode_all(pipe.vae, images, device)
+        # SD3 convention: x0 = (mean - shift) * scale, with the latents' own mean and spread.
+        shift, scale = float(latents.mean()), float(1 / latents.std())
+        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        report["vae"].update(shift_factor=shift, scaling_factor=scale, seconds=round(time.time() - t0, 1))
+        print(f"2. vae: {report['vae']}", flush=True)
+        t0 = time.time()
+        pipe.to(device)
+        report["transformer"] = train_transformer(pipe, (latents - shift) * scale, prompts, args, device)
+        report["transformer"]["seconds"] = round(time.time() - t0, 1)
+        print(f"3. transformer: {report['transformer']}", flush=True)
+        pipe.to("cpu").to(torch.float16).save_pretrained(pipeline_dir)
+        del images, latents
+
+    if "pairs" in stages:
+        t0 = time.time()
+        pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, dtype=torch.float32).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        prefs = os.path.join(args.out, "prefs")
+        for name, plist, seed in (("train", train_prompts, args.seed * 1000 + 10), ("test", held_out,
+                                                                                   args.seed * 1000 + 20)):
+            prompts = [p for p in plist for _ in range(args.samples_per_prompt)]
+            images = sample(pipe, prompts, seed * 100_000, args.sample_steps, args.guidance)
+            scores = world.score(images, prompts)
+            records = write_pairs(prefs, name, prompts, images, scores, args.samples_per_prompt)
+            report[f"samples_{name}"] = summary(scores) | dict(
+                pairs=len(records), pairs_conf95=sum(r["confidence"] >= 0.95 for r in records))
+            print(f"4. {name} samples: {report[f'samples_{name}']}", flush=True)
+        report["pairs_seconds"] = round(time.time() - t0, 1)
+
+    if "drm" in stages:
+        prefs = os.path.join(args.out, "prefs")
+        with open(os.path.join(prefs, "train.json")) as f:
+            if not json.load(f):
+                raise SystemExit("no training pairs: the generator gives no score differences (--quick?)")
+        for mode in args.drm_modes.split(","):
+            # The same data, steps and flags for every backbone mode; the first mode's DRM is the shipped one.
+            t0, out = time.time(), os.path.join(args.out, f"drm_{mode}")
+            command = [sys.executable, "reward_train.py", "--model", pipeline_dir, "--backbone", mode,
+                       "--train-data", os.path.join(prefs, "train.json"), "--test-data",
+                       os.path.join(prefs, "test.json"), "--resolution", "64", "--max-sequence-length",
+                       str(MAX_SEQUENCE_LENGTH), "--skip-last-blocks", "1", "--lr", "1e-4", "--batch-size", "64",
+                       "--max-steps", str(args.drm_steps), "--eval-every", str(max(args.drm_steps // 3, 1)),
+                       "--save-every", str(args.drm_steps), "--num-workers", "4", "--seed", str(args.seed),
+                       "--out", out, *args.drm_args.split()]
+            print("5. " + " ".join(command), flush=True)
+            subprocess.run(command, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                last_eval = [r for r in map(json.loads, f) if "eval" in r][-1]
+            report[f"drm_{mode}"] = dict(seconds=round(time.time() - t0, 1), step=last_eval["step"],
+                                        **last_eval["eval"])
+            print(f"5. drm {mode}: {report[f'drm_{mode}']}", flush=True)
+
+    report["seconds"] = round(time.time() - t_start, 1)
+    report["args"] = vars(args)
+    with open(os.path.join(args.out, "build.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main(parse_args())
