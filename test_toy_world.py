@@ -1,0 +1,237 @@
+"""Tests of the toy world (toy/world.py): the grammar and the held-out split, vocabulary and bad-input errors, and the
+oracle against every degradation: a clean render beats the same render degraded, the term responsible for that
+degradation is the one that drops, and a stronger degradation hurts more.
+
+    python -m pytest -q test_toy_world.py          # a few seconds
+
+Prompts and renders are drawn fresh each run; the seed is printed with a failing test (rerun with TOY_SEED=...).
+Speed is not tested here: bench/bench_oracle.py measures it.
+"""
+import os
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from toy import world
+
+NUM_IMAGES = 200  # per degradation test
+# The term each degradation must lower (more than one: each of them must drop).
+RESPONSIBLE = {"blur": ("sharpness",), "noise": ("background",), "smear": ("sharpness",),
+               "recolour": ("purity", "presence"), "move": ("placement",), "drop": ("presence",)}
+
+
+@pytest.fixture
+def seed():
+    value = int(os.environ.get("TOY_SEED", random.randrange(2 ** 31)))
+    print(f"TOY_SEED={value}")
+    return value
+
+
+def random_scenes(seed, n=NUM_IMAGES):
+    """n random prompts (all three kinds of prompt in every batch) and a clean render of each."""
+    rng = np.random.default_rng(seed)
+    prompts = world.all_prompts()
+    single, placed, pairs = prompts[:18], prompts[18:90], prompts[90:]
+    chosen = [pool[rng.integers(len(pool))] for pool in (single, placed, pairs) for _ in range(n // 3)]
+    chosen += [prompts[rng.integers(len(prompts))] for _ in range(n - len(chosen))]
+    return chosen, [world.render(p, rng) for p in chosen], rng
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grammar and split
+
+def test_grammar():
+    prompts = world.all_prompts()
+    objects = len(world.COLOURS) * len(world.SHAPES)
+    assert len(prompts) == len(set(prompts)) == objects * (1 + len(world.POSITIONS)) + objects * (
+        objects - len(world.SHAPES)) * len(world.RELATIONS)
+    assert prompts == world.all_prompts()  # a fixed order
+    kinds = {"single": 0, "position": 0, "relation": 0}
+    for p in prompts:
+        spec = world.parse_prompt(p)
+        kinds["relation" if spec["relation"] else "position" if spec["position"] else "single"] += 1
+        assert all(c in world.COLOURS and s in world.SHAPES for c, s in spec["objects"])
+        assert p.startswith("an orange" if spec["objects"][0][0] == "orange" else "a ")
+    assert kinds == {"single": objects, "position": objects * len(world.POSITIONS),
+                     "relation": len(prompts) - objects * (1 + len(world.POSITIONS))}
+    assert world.parse_prompt("a red circle left of a blue square") == dict(
+        objects=[("red", "circle"), ("blue", "square")], position=None, relation="left of")
+    assert world.parse_prompt("  An Orange triangle  AT THE top ") == dict(
+        objects=[("orange", "triangle")], position="top", relation=None)
+    assert world.parse_prompt("a green square") == dict(objects=[("green", "square")], position=None, relation=None)
+
+
+def test_split_is_fixed_disjoint_and_about_a_fifth():
+    train, held_out = world.split_prompts()
+    assert (train, held_out) == world.split_prompts()
+    assert not set(train) & set(held_out) and sorted(train + held_out) == sorted(world.all_prompts())
+    assert 0.15 <= len(held_out) / len(world.all_prompts()) <= 0.25
+    assert len(held_out) == 209  # pinned: a change here silently moves prompts between train and test
+    assert all(world.is_held_out(p) for p in held_out) and not any(world.is_held_out(p) for p in train)
+    # Both wordings of a scene are on the same side; case and spacing do not matter.
+    assert world.is_held_out("a red circle below a blue square") == world.is_held_out(
+        "a blue square above a red circle")
+    assert world.is_held_out("a red circle left of a blue square") == world.is_held_out(
+        "a blue square right of a red circle")
+    assert world.is_held_out(" A red  circle ") == world.is_held_out("a red circle")
+    # The held-out set covers every colour, shape and kind of prompt (a compositional test, not a new vocabulary).
+    words = " ".join(held_out)
+    assert all(w in words for w in [*world.COLOURS, *world.SHAPES, *world.POSITIONS, *world.RELATIONS])
+
+
+@pytest.mark.parametrize("prompt,what", [
+    ("a pink circle", "pink"), ("a red hexagon", "hexagon"), ("a red circle left of a teal square", "teal"),
+    ("a red circle near a blue square", "grammar"), ("a red circle in the middle", "grammar"),
+    ("a red circle left of a red square", "differ"), ("", "grammar")])
+def test_vocabulary_errors(prompt, what):
+    for call in (world.parse_prompt, world.is_held_out, lambda p: world.render(p, np.random.default_rng(0)),
+                 lambda p: world.score(np.full((1, 64, 64, 3), 240, np.uint8), [p])):
+        with pytest.raises(world.VocabularyError) as error:
+            call(prompt)
+        message = str(error.value)
+        assert what in message and all(w in message for w in [*world.COLOURS, *world.SHAPES, *world.RELATIONS])
+    assert issubclass(world.VocabularyError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad images
+
+def test_bad_images_are_refused():
+    rng = np.random.default_rng(0)
+    img = world.render("a red circle", rng)
+    good = np.asarray(img)[None]  # (1, 64, 64, 3) uint8
+    cases = [([img.resize((32, 32))], "64x64"), (np.zeros((1, 128, 128, 3), np.uint8), "64x64"),
+             (np.zeros((1, 3, 64, 64), np.uint8), "channels last"), (good[0], "batch"), (img, "list"),
+             (good / 255.0, "[0, 1]"), (good - 128.0, "[0, 255]"), (np.full(good.shape, np.nan), "[0, 255]"),
+             (np.zeros((1, 64, 64), np.uint8), "64x64"), (np.zeros((1, 64, 64, 4), np.uint8), "64x64"),
+             ([good[0], np.zeros((32, 32, 3))], "shapes")]
+    for images, words in cases:
+        with pytest.raises(ValueError) as error:
+            world.score(images, ["a red circle"])
+        assert words in str(error.value), (words, str(error.value))
+    with pytest.raises(ValueError, match="64x64"):
+        world.as_array([img.resize((65, 64))])
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        world.score([img, img], ["a red circle"])
+    with pytest.raises(ValueError, match="1 images but 2 prompts"):
+        world.score_terms([img], ["a red circle", "a red circle"])
+    with pytest.raises(ValueError, match="list of strings"):
+        world.score([img], "a red circle")
+    with pytest.raises(ValueError, match="strength"):
+        world.degrade(img, "blur", rng, 1.5)
+    with pytest.raises(ValueError, match="unknown degradation"):
+        world.degrade(img, "jpeg", rng)
+
+
+def test_inputs_of_every_accepted_kind_score_the_same(seed):
+    prompts, images, _ = random_scenes(seed, 12)
+    as_uint8 = np.stack([np.asarray(im) for im in images])
+    expected = world.score(images, prompts)
+    for same in (as_uint8, as_uint8.astype(np.float32), list(as_uint8), [im.convert("RGBA") for im in images],
+                 tuple(images)):
+        np.testing.assert_array_equal(world.score(same, prompts), expected)
+    np.testing.assert_array_equal(world.as_array(images), as_uint8.astype(np.float32))
+    assert world.score([], []).shape == (0,)
+    assert world.score_terms(np.zeros((0, 64, 64, 3)), [])["placement"].shape == (0,)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The oracle on clean and degraded renders
+
+def test_clean_renders_score_high(seed):
+    prompts, images, _ = random_scenes(seed, 300)
+    terms = world.score_terms(images, prompts)
+    scores = world.score(images, prompts)
+    assert scores.mean() >= 0.85 and scores.min() >= 0.6, (scores.mean(), scores.min(), prompts[scores.argmin()])
+    assert set(terms) == {"presence", "shape", "purity", "placement", "fidelity", "sharpness", "background",
+                          "quality"}
+    for name, values in terms.items():
+        assert values.shape == (300,) and np.all((values >= 0) & (values <= 1)), name
+    np.testing.assert_allclose(scores, np.sqrt(terms["fidelity"] * terms["quality"]))
+    np.testing.assert_allclose(terms["fidelity"], terms["presence"] * terms["shape"] * terms["purity"]
+                               * terms["placement"])
+
+
+@pytest.mark.parametrize("kind", world.DEGRADATIONS)
+def test_clean_beats_degraded_and_the_responsible_term_drops(kind, seed):
+    prompts, images, rng = random_scenes(seed)
+    degraded = [world.degrade(im, kind, rng, 1.0, prompt=p) for im, p in zip(images, prompts)]
+    clean, worse = world.score(images, prompts), world.score(degraded, prompts)
+    assert (worse < clean).mean() >= 0.95, (kind, (worse < clean).mean())
+    assert worse.mean() < clean.mean() - 0.2, (kind, clean.mean(), worse.mean())
+    clean_terms, worse_terms = world.score_terms(images, prompts), world.score_terms(degraded, prompts)
+    for name in RESPONSIBLE[kind]:
+        dropped = worse_terms[name] < clean_terms[name] - 0.05
+        assert dropped.mean() >= 0.95, (kind, name, dropped.mean(), [p for p, d in zip(prompts, dropped) if not d][:5])
+
+
+@pytest.mark.parametrize("kind", world.DEGRADATIONS)
+def test_stronger_degradation_hurts_more(kind, seed):
+    prompts, images, rng = random_scenes(seed, 120)
+    means = [world.score(images, prompts).mean()]
+    for strength in (0.1, 0.25, 0.5, 1.0):
+        degraded = [world.degrade(im, kind, rng, strength, prompt=p) for im, p in zip(images, prompts)]
+        means.append(world.score(degraded, prompts).mean())
+    assert all(a > b for a, b in zip(means, means[1:])), (kind, np.round(means, 3))
+    same = world.degrade(images[0], kind, rng, 0.0, prompt=prompts[0])
+    assert np.array_equal(np.asarray(same), np.asarray(images[0]))  # strength 0 changes nothing
+
+
+def test_degradations_do_what_they_say(seed):
+    rng = np.random.default_rng(seed)
+    names = list(world.COLOURS)
+    colour, other = rng.choice(names, 2, replace=False)
+    shape = world.SHAPES[rng.integers(3)]
+    single = f"{'an' if colour == 'orange' else 'a'} {colour} {shape}"
+    img = world.render(single, rng)
+    share = lambda im, name: world.score_terms([im], [f"a {name} circle"])["purity"][0]  # noqa: E731  of all ink
+    # drop: a single object is gone, positionally (no prompt) or with it.
+    for gone in (world.degrade(img, "drop", rng, 1.0), world.degrade(img, "drop", rng, 1.0, prompt=single)):
+        assert np.abs(np.asarray(gone, np.float32) - world.BACKGROUND).max() <= 1
+    # recolour: the object is now wholly another named colour.
+    recoloured = world.degrade(img, "recolour", rng, 1.0, prompt=single)
+    assert share(img, colour) > 0.99 and share(recoloured, colour) < 0.01
+    assert sum(share(recoloured, c) > 0.99 for c in names if c != colour) == 1
+    # recolour of a pair: the new colour is neither of the prompt's.
+    pair = f"a {colour} square above a {other} circle".replace("a orange", "an orange")
+    both = world.render(pair, rng)
+    recoloured = world.degrade(both, "recolour", rng, 1.0, prompt=pair)
+    new = [c for c in names if share(recoloured, c) > 0.2]
+    assert len(new) == 2 and len(set(new) - {colour, other}) == 1
+    # move: a side prompt ends on the opposite side, a pair swaps, an unpositioned object leaves the centre.
+    for prompt, wrong in [(f"{single} on the left", "right"), (f"{single} at the top", "bottom")]:
+        moved = world.degrade(world.render(prompt, rng), "move", rng, 1.0, prompt=prompt)
+        flipped = prompt.replace("left", "right") if wrong == "right" else prompt.replace("top", "bottom")
+        assert world.score_terms([moved], [flipped])["placement"][0] > 0.85
+    swapped = world.degrade(both, "move", rng, 1.0, prompt=pair)
+    assert world.score_terms([swapped], [pair.replace("above", "below")])["placement"][0] > 0.85
+    moved = world.degrade(img, "move", rng, 1.0, prompt=single)
+    assert world.score_terms([moved], [single])["placement"][0] < 0.3
+
+
+def test_extra_object_or_blank_image_scores_low(seed):
+    prompts, images, rng = random_scenes(seed, 30)
+    blank = Image.new("RGB", (64, 64), tuple(int(v) for v in world.BACKGROUND))
+    assert np.all(world.score([blank] * 30, prompts) == 0)
+    noise = rng.integers(0, 256, (30, 64, 64, 3), dtype=np.uint8)
+    assert world.score(noise, prompts).max() < 0.3
+    # A clean render of a different scene: something about it is wrong.
+    others = [world.all_prompts()[(world.all_prompts().index(p) + 7) % len(world.all_prompts())] for p in prompts]
+    assert np.all(world.score(images, others) < world.score(images, prompts))
+
+
+def test_determinism(seed):
+    prompts, images, _ = random_scenes(seed, 40)
+    again_prompts, again, _ = random_scenes(seed, 40)
+    assert prompts == again_prompts and all(a.tobytes() == b.tobytes() for a, b in zip(images, again))
+    for kind in world.DEGRADATIONS:
+        one = [world.degrade(im, kind, np.random.default_rng(seed), 0.7, prompt=p) for im, p in zip(images, prompts)]
+        two = [world.degrade(im, kind, np.random.default_rng(seed), 0.7, prompt=p) for im, p in zip(images, prompts)]
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(one, two)), kind
+    scores = world.score(images, prompts)
+    np.testing.assert_array_equal(scores, world.score(images, prompts))
+    # An image's score does not depend on the rest of its batch.
+    in_parts = np.concatenate([world.score(images[i:i + 7], prompts[i:i + 7]) for i in range(0, 40, 7)])
+    np.testing.assert_allclose(in_parts, scores, rtol=0, atol=1e-6)
