@@ -1,7 +1,7 @@
 """Rebuild the toy world from a seed: a tiny SD3-architecture pipeline trained here, its samples labelled by the
 oracle as an HPDv3 preference set, and a DRM trained on that set by reward_train.py (the real data path).
 
-1. Data: renders of train prompts, half of them degraded (blur, noise, smear, recolour, move, drop at random
+1. Data: renders of train prompts, 60% of them degraded (blur, noise, smear, recolour, move, drop at random
    strength), so the trained generator spreads in quality and leaves room to improve.
 2. VAE: a 16-latent-channel AutoencoderKL (64 px -> 16 x 16 latents), L1 + small KL; shift/scale set from the
    latent statistics, as SD3's are.
@@ -48,16 +48,18 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/toy", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of everything")
     p.add_argument("--quick", action="store_true", help="tiny budgets (CPU smoke run); the result is not useful")
-    p.add_argument("--num-images", type=int, default=60000, help="training renders (half degraded)")
+    p.add_argument("--num-images", type=int, default=60000, help="training renders")
+    p.add_argument("--degraded-fraction", type=float, default=0.6, help="share of renders degraded (strength "
+                                                                         "0.4-1): the base model's quality spread")
     p.add_argument("--vae-steps", type=int, default=3000, help="VAE training steps")
     p.add_argument("--steps", type=int, default=8000, help="transformer training steps")
     p.add_argument("--vae-minutes", type=float, default=1.0, help="cap on VAE training time (steps shrink to fit)")
-    p.add_argument("--transformer-minutes", type=float, default=3.5, help="cap on transformer training time")
+    p.add_argument("--transformer-minutes", type=float, default=3.0, help="cap on transformer training time")
     p.add_argument("--batch-size", type=int, default=256, help="batch size for VAE and transformer")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="base samples per prompt for the pairs")
     p.add_argument("--sample-steps", type=int, default=20, help="denoising steps for the preference samples")
     p.add_argument("--guidance", type=float, default=4.5, help="CFG scale for the preference samples")
-    p.add_argument("--drm-steps", type=int, default=1500, help="DRM training steps (reward_train.py)")
+    p.add_argument("--drm-steps", type=int, default=1200, help="DRM training steps (reward_train.py)")
     p.add_argument("--drm-modes", default="frozen", help="backbone modes to train, comma-separated (compare)")
     p.add_argument("--drm-args", default="", help="extra reward_train.py flags, e.g. '--backbone full'")
     p.add_argument("--stages", default="data,vae,transformer,pairs,drm", help="which stages to run")
@@ -72,23 +74,23 @@ def parse_args(argv=None):
 # 1. Data
 
 def _render_chunk(job):
-    seed, prompts = job
+    seed, prompts, degraded_fraction = job
     rng = np.random.default_rng(seed)
     images = []
     for prompt in prompts:
         img = world.render(prompt, rng)
-        if rng.random() < 0.5:
+        if rng.random() < degraded_fraction:
             img = world.degrade(img, world.DEGRADATIONS[rng.integers(len(world.DEGRADATIONS))], rng,
-                                float(rng.uniform(0.3, 1.0)), prompt=prompt)
+                                float(rng.uniform(0.4, 1.0)), prompt=prompt)
         images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
     return np.stack(images)
 
 
-def make_training_images(prompts, num_images, seed, workers):
-    """(N, 64, 64, 3) uint8 renders of random train prompts (half degraded) and their prompts."""
+def make_training_images(prompts, num_images, seed, workers, degraded_fraction):
+    """(N, 64, 64, 3) uint8 renders of random train prompts (a fraction degraded) and their prompts."""
     rng = np.random.default_rng(seed)
     chosen = [prompts[i] for i in rng.integers(len(prompts), size=num_images)]
-    chunks = [(seed * 7919 + i, chosen[i:i + 1000]) for i in range(0, num_images, 1000)]
+    chunks = [(seed * 7919 + i, chosen[i:i + 1000], degraded_fraction) for i in range(0, num_images, 1000)]
     with Pool(workers) as pool:
         images = np.concatenate(pool.map(_render_chunk, chunks))
     return images, chosen
@@ -278,7 +280,8 @@ def main(args):
 
     if "data" in stages or "vae" in stages or "transformer" in stages:
         t0 = time.time()
-        images, prompts = make_training_images(train_prompts, args.num_images, args.seed, os.cpu_count() or 1)
+        images, prompts = make_training_images(train_prompts, args.num_images, args.seed, os.cpu_count() or 1,
+                                               args.degraded_fraction)
         report["data"] = dict(images=len(images), seconds=round(time.time() - t0, 1),
                               oracle=summary(world.score(images[:2000], prompts[:2000])))
         print(f"1. data: {report['data']}", flush=True)
