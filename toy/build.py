@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,19 +54,22 @@ def parse_args(argv=None):
                                                                          "0.4-1): the base model's quality spread")
     p.add_argument("--vae-steps", type=int, default=3000, help="VAE training steps")
     p.add_argument("--steps", type=int, default=8000, help="transformer training steps")
-    p.add_argument("--vae-minutes", type=float, default=1.0, help="cap on VAE training time (steps shrink to fit)")
-    p.add_argument("--transformer-minutes", type=float, default=3.0, help="cap on transformer training time")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size for VAE and transformer")
+    p.add_argument("--vae-minutes", type=float, default=0.75, help="cap on VAE training time (steps shrink to fit)")
+    p.add_argument("--transformer-minutes", type=float, default=4.0, help="cap on transformer training time")
+    p.add_argument("--batch-size", type=int, default=256, help="VAE batch size")
+    p.add_argument("--transformer-batch-size", type=int, default=512, help="transformer batch size")
+    p.add_argument("--transformer-lr", type=float, default=4e-4, help="transformer peak learning rate")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="base samples per prompt for the pairs")
     p.add_argument("--sample-steps", type=int, default=20, help="denoising steps for the preference samples")
     p.add_argument("--guidance", type=float, default=4.5, help="CFG scale for the preference samples")
-    p.add_argument("--drm-steps", type=int, default=1200, help="DRM training steps (reward_train.py)")
+    p.add_argument("--drm-steps", type=int, default=1000, help="DRM training steps (reward_train.py)")
     p.add_argument("--drm-modes", default="frozen", help="backbone modes to train, comma-separated (compare)")
     p.add_argument("--drm-args", default="", help="extra reward_train.py flags, e.g. '--backbone full'")
-    p.add_argument("--stages", default="data,vae,transformer,pairs,drm", help="which stages to run")
+    p.add_argument("--stages", default="data,vae,transformer,pairs,drm,assets", help="which stages to run")
     args = p.parse_args(argv)
     if args.quick:
         args.num_images, args.vae_steps, args.steps, args.batch_size = 512, 30, 30, 32
+        args.transformer_batch_size = 32
         args.samples_per_prompt, args.sample_steps, args.drm_steps = 2, 4, 20
     return args
 
@@ -128,10 +132,12 @@ def new_pipeline(seed):
         tokenizer_2=clip_tok, text_encoder_3=t5, tokenizer_3=t5_tok)
 
 
-def fit_steps(planned, minutes, t0, done):
-    """Shrink a planned step count to fit a time budget, from the speed of the first `done` steps."""
-    per_step = (time.time() - t0) / done
-    return max(done + 1, min(planned, int(minutes * 60 / per_step)))
+def fit_steps(planned, minutes, started, t_warm, warm_steps, done):
+    """Shrink a planned step count to fit a time budget (counted from `started`), from the speed of the steps
+    after warm-up (warm_steps .. done, timed from t_warm): the first steps pay for kernel selection."""
+    per_step = (time.time() - t_warm) / (done - warm_steps)
+    left = minutes * 60 - (time.time() - started)
+    return max(done + 1, min(planned, done + int(left / per_step)))
 
 
 def cosine_lr(optimizer, step, total, peak, warmup=200):
@@ -159,8 +165,10 @@ def train_vae(vae, images, args, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if step == 20:
-            total = fit_steps(total, args.vae_minutes, t0, step)
+        if step == 30:
+            t_warm = time.time()
+        if step == 80:
+            total = fit_steps(total, args.vae_minutes, t0, t_warm, 30, step)
         if step % 500 == 0:
             print(f"vae step {step}/{total} l1 {loss.item():.4f}", flush=True)
     vae.eval()
@@ -192,17 +200,17 @@ def train_transformer(pipe, latents, prompts, args, device):
     index, embeds, pooled = prompt_table(pipe, prompts, device)
     ids = torch.tensor([index[p] for p in prompts])
     empty = index[""]
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=3e-4, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.transformer_lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed + 2)
     losses, total, t0, step = [], args.steps, time.time(), 0
     while step < total:
-        idx = torch.randint(len(latents), (args.batch_size,), generator=g)
+        idx = torch.randint(len(latents), (args.transformer_batch_size,), generator=g)
         x0 = latents[idx].to(device)
-        cond = torch.where(torch.rand(args.batch_size, generator=g) < 0.1, empty, ids[idx]).to(device)
-        t = torch.sigmoid(torch.randn(args.batch_size, generator=g)).to(device)
+        cond = torch.where(torch.rand(args.transformer_batch_size, generator=g) < 0.1, empty, ids[idx]).to(device)
+        t = torch.sigmoid(torch.randn(args.transformer_batch_size, generator=g)).to(device)
         eps = torch.randn(x0.shape, generator=g).to(device)
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
-        cosine_lr(optimizer, step, total, 3e-4)
+        cosine_lr(optimizer, step, total, args.transformer_lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             v = transformer(hidden_states=xt, encoder_hidden_states=embeds[cond], pooled_projections=pooled[cond],
                             timestep=1000 * t, return_dict=False)[0]
@@ -213,8 +221,10 @@ def train_transformer(pipe, latents, prompts, args, device):
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         step += 1
-        if step == 20:
-            total = fit_steps(total, args.transformer_minutes, t0, step)
+        if step == 30:
+            t_warm = time.time()
+        if step == 80:
+            total = fit_steps(total, args.transformer_minutes, t0, t_warm, 30, step)
         if step % 1000 == 0:
             print(f"transformer step {step}/{total} loss {np.mean(losses[-100:]):.4f}", flush=True)
     transformer.eval()
@@ -341,10 +351,25 @@ def main(args):
                                         **last_eval["eval"])
             print(f"5. drm {mode}: {report[f'drm_{mode}']}", flush=True)
 
-    report["seconds"] = round(time.time() - t_start, 1)
-    report["args"] = vars(args)
+    report["seconds"], report["args"] = round(time.time() - t_start, 1), vars(args)
     with open(os.path.join(args.out, "build.json"), "w") as f:
         json.dump(report, f, indent=1)
+
+    if "assets" in stages:
+        # What the repo ships: the pipeline (fp16) and the first mode's DRM, cast to fp16 (scores match the fp32
+        # DRM to ~1e-3; the config in its metadata is kept).
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        assets = os.path.join(args.out, "assets")
+        shutil.rmtree(assets, ignore_errors=True)
+        shutil.copytree(pipeline_dir, os.path.join(assets, "pipeline"))
+        source = os.path.join(args.out, f"drm_{args.drm_modes.split(',')[0]}", "drm.safetensors")
+        with safe_open(source, framework="pt") as f:
+            tensors = {k: f.get_tensor(k).half() for k in f.keys()}
+            metadata = f.metadata()
+        save_file(tensors, os.path.join(assets, "drm.safetensors"), metadata=metadata)
+        shutil.copy(os.path.join(args.out, "build.json"), os.path.join(assets, "build.json"))
+
     print(json.dumps(report), flush=True)
 
 
