@@ -10,7 +10,7 @@ oracle as an HPDv3 preference set, and a DRM trained on that set by reward_train
    vocabulary as whole words); 10% empty prompts for classifier-free guidance.
 4. Preference set: base samples (the diffusers pipeline, CFG) for train and held-out prompts, pairs of samples of
    the same prompt, winner = higher oracle, confidence = 1 - exp(-gap / 0.05) (>= 0.95 iff gap >= 0.15).
-5. DRM: `reward_train.py` on those files, frozen backbone.
+5. DRM: `reward_train.py` on those files (LoRA backbone by default; --drm-modes compares several).
 
     python -m toy.build --out runs/toy                     # ~8 min on one H200; CPU works (use --quick)
     python -m toy.build --out runs/toy --quick             # a few minutes on CPU: tiny budgets, for testing
@@ -55,15 +55,16 @@ def parse_args(argv=None):
     p.add_argument("--vae-steps", type=int, default=3000, help="VAE training steps")
     p.add_argument("--steps", type=int, default=8000, help="transformer training steps")
     p.add_argument("--vae-minutes", type=float, default=0.75, help="cap on VAE training time (steps shrink to fit)")
-    p.add_argument("--transformer-minutes", type=float, default=4.0, help="cap on transformer training time")
+    p.add_argument("--transformer-minutes", type=float, default=3.5, help="cap on transformer training time")
     p.add_argument("--batch-size", type=int, default=256, help="VAE batch size")
     p.add_argument("--transformer-batch-size", type=int, default=512, help="transformer batch size")
     p.add_argument("--transformer-lr", type=float, default=4e-4, help="transformer peak learning rate")
-    p.add_argument("--samples-per-prompt", type=int, default=4, help="base samples per prompt for the pairs")
+    p.add_argument("--samples-per-prompt", type=int, default=16, help="base samples per prompt for the pairs")
     p.add_argument("--sample-steps", type=int, default=20, help="denoising steps for the preference samples")
     p.add_argument("--guidance", type=float, default=4.5, help="CFG scale for the preference samples")
-    p.add_argument("--drm-steps", type=int, default=1000, help="DRM training steps (reward_train.py)")
-    p.add_argument("--drm-modes", default="frozen", help="backbone modes to train, comma-separated (compare)")
+    p.add_argument("--drm-steps", type=int, default=1200, help="DRM training steps (reward_train.py)")
+    p.add_argument("--drm-modes", default="lora", help="backbone modes to train, comma-separated (compare)")
+    p.add_argument("--drm-lr", type=float, default=1e-4, help="DRM learning rate (reward_train.py --lr)")
     p.add_argument("--drm-args", default="", help="extra reward_train.py flags, e.g. '--backbone full'")
     p.add_argument("--stages", default="data,vae,transformer,pairs,drm,assets", help="which stages to run")
     args = p.parse_args(argv)
@@ -150,11 +151,12 @@ def train_vae(vae, images, args, device):
     """Reconstruction (L1) + a small KL; returns the last losses."""
     vae.train().to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    g = torch.Generator().manual_seed(args.seed + 1)
+    g = torch.Generator(device).manual_seed(args.seed + 1)
+    images = torch.from_numpy(images).to(device)  # uint8 on the device: batches are gathered there
     total, t0, step = args.vae_steps, time.time(), 0
     while step < total:
-        idx = torch.randint(len(images), (args.batch_size,), generator=g)
-        x = to_pixels(images[idx.numpy()]).to(device)
+        idx = torch.randint(len(images), (args.batch_size,), generator=g, device=device)
+        x = images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
         cosine_lr(optimizer, step, total, 1e-3)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             posterior = vae.encode(x).latent_dist
@@ -201,14 +203,15 @@ def train_transformer(pipe, latents, prompts, args, device):
     ids = torch.tensor([index[p] for p in prompts])
     empty = index[""]
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.transformer_lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(args.seed + 2)
+    g = torch.Generator(device).manual_seed(args.seed + 2)
+    latents, ids, n = latents.to(device), ids.to(device), args.transformer_batch_size
     losses, total, t0, step = [], args.steps, time.time(), 0
     while step < total:
-        idx = torch.randint(len(latents), (args.transformer_batch_size,), generator=g)
-        x0 = latents[idx].to(device)
-        cond = torch.where(torch.rand(args.transformer_batch_size, generator=g) < 0.1, empty, ids[idx]).to(device)
-        t = torch.sigmoid(torch.randn(args.transformer_batch_size, generator=g)).to(device)
-        eps = torch.randn(x0.shape, generator=g).to(device)
+        idx = torch.randint(len(latents), (n,), generator=g, device=device)
+        x0 = latents[idx]
+        cond = torch.where(torch.rand(n, generator=g, device=device) < 0.1, empty, ids[idx])
+        t = torch.sigmoid(torch.randn(n, generator=g, device=device))
+        eps = torch.randn(x0.shape, generator=g, device=device)
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
         cosine_lr(optimizer, step, total, args.transformer_lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -339,7 +342,8 @@ def main(args):
             command = [sys.executable, "reward_train.py", "--model", pipeline_dir, "--backbone", mode,
                        "--train-data", os.path.join(prefs, "train.json"), "--test-data",
                        os.path.join(prefs, "test.json"), "--resolution", "64", "--max-sequence-length",
-                       str(MAX_SEQUENCE_LENGTH), "--skip-last-blocks", "1", "--lr", "1e-4", "--batch-size", "64",
+                       str(MAX_SEQUENCE_LENGTH), "--skip-last-blocks", "1", "--lr", str(args.drm_lr),
+                       "--batch-size", "64",
                        "--max-steps", str(args.drm_steps), "--eval-every", str(max(args.drm_steps // 3, 1)),
                        "--save-every", str(args.drm_steps), "--num-workers", "4", "--seed", str(args.seed),
                        "--out", out, *args.drm_args.split()]
