@@ -10,9 +10,9 @@ oracle as an HPDv3 preference set, and a DRM trained on that set by reward_train
    vocabulary as whole words); 10% empty prompts for classifier-free guidance.
 4. Preference set: base samples (the diffusers pipeline, CFG) for train and held-out prompts, pairs of samples of
    the same prompt, winner = higher oracle, confidence = 1 - exp(-gap / 0.05) (>= 0.95 iff gap >= 0.15).
-5. DRM: `reward_train.py` on those files (LoRA backbone by default; --drm-modes compares several).
+5. DRM: `reward_train.py` on those files (frozen backbone by default; --drm-modes compares several).
 
-    python -m toy.build --out runs/toy                     # ~8 min on one H200; CPU works (use --quick)
+    python -m toy.build --out runs/toy                     # ~9 min on one H200; CPU works (use --quick)
     python -m toy.build --out runs/toy --quick             # a few minutes on CPU: tiny budgets, for testing
 """
 import argparse
@@ -52,18 +52,18 @@ def parse_args(argv=None):
     p.add_argument("--num-images", type=int, default=60000, help="training renders")
     p.add_argument("--degraded-fraction", type=float, default=0.6, help="share of renders degraded (strength "
                                                                          "0.4-1): the base model's quality spread")
-    p.add_argument("--vae-steps", type=int, default=3000, help="VAE training steps")
-    p.add_argument("--steps", type=int, default=8000, help="transformer training steps")
-    p.add_argument("--vae-minutes", type=float, default=0.75, help="cap on VAE training time (steps shrink to fit)")
-    p.add_argument("--transformer-minutes", type=float, default=3.5, help="cap on transformer training time")
+    p.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps")
+    p.add_argument("--steps", type=int, default=3400, help="transformer training steps")
+    p.add_argument("--vae-minutes", type=float, default=1.5, help="cap on VAE training time (steps shrink to fit)")
+    p.add_argument("--transformer-minutes", type=float, default=5.0, help="cap on transformer training time")
     p.add_argument("--batch-size", type=int, default=256, help="VAE batch size")
     p.add_argument("--transformer-batch-size", type=int, default=512, help="transformer batch size")
     p.add_argument("--transformer-lr", type=float, default=4e-4, help="transformer peak learning rate")
-    p.add_argument("--samples-per-prompt", type=int, default=16, help="base samples per prompt for the pairs")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="base samples per prompt for the pairs")
     p.add_argument("--sample-steps", type=int, default=20, help="denoising steps for the preference samples")
     p.add_argument("--guidance", type=float, default=4.5, help="CFG scale for the preference samples")
-    p.add_argument("--drm-steps", type=int, default=1200, help="DRM training steps (reward_train.py)")
-    p.add_argument("--drm-modes", default="lora", help="backbone modes to train, comma-separated (compare)")
+    p.add_argument("--drm-steps", type=int, default=1000, help="DRM training steps (reward_train.py)")
+    p.add_argument("--drm-modes", default="frozen", help="backbone modes to train, comma-separated (compare)")
     p.add_argument("--drm-lr", type=float, default=1e-4, help="DRM learning rate (reward_train.py --lr)")
     p.add_argument("--drm-args", default="", help="extra reward_train.py flags, e.g. '--backbone full'")
     p.add_argument("--stages", default="data,vae,transformer,pairs,drm,assets", help="which stages to run")
