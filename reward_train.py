@@ -67,6 +67,8 @@ class Args:
     eval_every: int = field(default=500, metadata={"help": "evaluate every N steps (and at the end); 0: end only"})
     eval_sigmas: str = field(default="0,0.25,0.5,0.75,0.9", metadata={"help": "noise levels for held-out accuracy"})
     eval_batch_size: int = field(default=8, metadata={"help": "pairs per GPU when evaluating"})
+    eval_pairs: int = field(default=0, metadata={"help": "evaluate on a fixed random subset of this many held-out "
+                                                         "pairs (0: all); each evaluation re-encodes them"})
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (and at the end)"})
     out: str = field(default="runs/drm", metadata={"help": "output folder: checkpoint.pt, drm.safetensors, "
                                                            "metrics.jsonl"})
@@ -256,6 +258,9 @@ def main(args):
     train_set, skipped = load_preference_data(args.train_data, args.resolution, args.min_confidence, args.skip_bad)
     test_set, test_skipped = (load_preference_data(args.test_data, args.resolution, args.min_confidence,
                                                    args.skip_bad) if args.test_data else (None, 0))
+    if test_set is not None and 0 < args.eval_pairs < len(test_set):
+        keep = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(args.seed))[:args.eval_pairs]
+        test_set.pairs = [test_set.pairs[i] for i in sorted(keep.tolist())]
     print0(f"pairs: {len(train_set)} train ({skipped} bad skipped), "
            f"{len(test_set) if test_set else 0} test ({test_skipped} bad skipped)", rank=rank)
 

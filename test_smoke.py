@@ -667,12 +667,13 @@ def test_train_two_process_torchrun_full(tiny_dir, pair_files, tmp_path):
     out = tmp_path / "out"
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(DDP_WRAPPER)
-    command = train_command(tiny_dir, pair_files, out, "--backbone", "full", "--max-steps", "3", "--lr", "1e-3")
+    command = train_command(tiny_dir, pair_files, out, "--backbone", "full", "--max-steps", "3", "--lr", "1e-3",
+                            "--eval-pairs", "3")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper)]
     rc, log = run(torchrun + command[2:], tmp_path / "log.txt", timeout=240, env=dict(ENV, DUMP_DIR=str(tmp_path)))
     assert rc == 0, log[-3000:]
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["eval"]["pairs"] == 4
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["eval"]["pairs"] == 3  # --eval-pairs 3 of 4
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert any(k.startswith("transformer.transformer_blocks.0.") for k in rank0)
     assert same_tensors(rank0, rank1, atol=1e-6)  # DDP kept the ranks in step

@@ -346,6 +346,7 @@ def main(args):
                        "--batch-size", "64",
                        "--max-steps", str(args.drm_steps), "--eval-every", str(max(args.drm_steps // 3, 1)),
                        "--save-every", str(args.drm_steps), "--num-workers", "4", "--seed", str(args.seed),
+                       "--eval-pairs", "500",
                        "--out", out, *args.drm_args.split()]
             print("5. " + " ".join(command), flush=True)
             subprocess.run(command, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
