@@ -180,8 +180,9 @@ class DRM(nn.Module):
                     train_output_layers=self.train_output_layers, lora_rank=self.lora_rank,
                     lora_alpha=self.lora_alpha)
 
-    def prefix(self, latents, timestep, prompt_embeds, pooled_prompt_embeds):
-        """Run the first N - m blocks. Returns the image tokens (B, h/p * w/p, D) and the timestep embedding."""
+    def prefix(self, latents, timestep, prompt_embeds, pooled_prompt_embeds, return_context=False):
+        """Run the first N - m blocks. Returns the image tokens (B, h/p * w/p, D) and the timestep embedding (and,
+        with return_context, the text tokens, so a sampler can finish the generator's forward from here)."""
         tr = self.transformer
         timestep = torch.as_tensor(timestep, device=latents.device).float().expand(latents.shape[0])
         hidden = tr.pos_embed(latents).contiguous()  # (B, tokens, D)
@@ -192,7 +193,7 @@ class DRM(nn.Module):
                 context, hidden = torch.utils.checkpoint.checkpoint(block, hidden, context, temb, use_reentrant=False)
             else:
                 context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
-        return hidden, temb
+        return (hidden, temb, context) if return_context else (hidden, temb)
 
     def score_prefix(self, hidden, temb, height, width):
         """Prefix activations -> score: norm_out, proj_out, unpatchify to (B, 16, h, w), ConvGN head."""
@@ -211,6 +212,15 @@ class DRM(nn.Module):
     def trainable_state_dict(self):
         """What training changes: all a checkpoint of this mode needs on top of the base transformer."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+
+def transformer_suffix(transformer, hidden, context, temb, first_block, height, width):
+    """Finish the transformer's forward from block `first_block` on: the velocity (B, C, height, width) that
+    `transformer(...)` returns, given the image tokens, text tokens and timestep embedding after the blocks before."""
+    for block in transformer.transformer_blocks[first_block:]:
+        context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+    tokens = transformer.proj_out(transformer.norm_out(hidden, temb))
+    return unpatchify(tokens, transformer.config.patch_size, height, width)
 
 
 def score_images(drm, vae, pixels, prompt_embeds, pooled_prompt_embeds):

@@ -1,0 +1,233 @@
+"""Step-wise Sampling (PAPER.md section 4): training-free guidance by the DRM.
+
+At each denoising step, from the current latent draw k candidates of Flow-GRPO's SDE step (one mean, k noises),
+score all k with the DRM at their own timestep (1000 * sigma_next), keep the best, continue. k = 1 is plain SDE
+sampling; k = 1 with --noise-level 0 is the Euler ODE sampler of diffusers' StableDiffusion3Pipeline, image for
+image. --best-of-n N is the baseline: N whole trajectories (k = 1) per prompt, the DRM picks the best final image.
+
+Departures from the paper: when the DRM is frozen over the generator's own transformer (one copy in memory) and
+uses the same prompt embeddings, the chosen candidate's prefix activations are exactly what the next step's
+conditional forward computes up to block N - m, so they are reused instead of recomputed (--no-reuse turns it off).
+
+    python step_sample.py --model toy/assets/pipeline --drm runs/toy/drm_frozen/drm.safetensors \\
+        --prompt "a red circle left of a blue square" --k 4 --grid --out runs/samples
+    python step_sample.py --model /models/sd3.5-medium --drm runs/drm/drm.safetensors --prompts prompts.txt \\
+        --k 6 --height 512 --width 512 --out runs/samples-k6
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from data import UserError, read_prompts
+from model import decode_latents, load_drm, load_pipeline, sde_step, transformer_suffix
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="toy/assets/pipeline", help="SD3/SD3.5 diffusers folder")
+    p.add_argument("--drm", default="", help="DRM checkpoint (needed for k > 1 and --best-of-n)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
+    p.add_argument("--prompts", default="", help="prompt file (.txt one a line, or .jsonl with 'prompt')")
+    p.add_argument("--seed", type=int, default=0, help="image i of a prompt uses seed + i")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (the paper: 50)")
+    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--k", type=int, default=4, help="SDE candidates per step; 1 = no selection")
+    p.add_argument("--noise-level", type=float, default=0.7, help="SDE noise level a; 0 = Euler ODE")
+    p.add_argument("--branch-steps", default="", help="'START:END': branch only at steps START..END-1")
+    p.add_argument("--best-of-n", type=int, default=0, help="baseline: N plain trajectories, keep the DRM's best")
+    p.add_argument("--height", type=int, default=0, help="image height (0: the pipeline's default size)")
+    p.add_argument("--width", type=int, default=0, help="image width (0: the pipeline's default size)")
+    p.add_argument("--max-sequence-length", type=int, default=0, help="T5 tokens (0: the DRM's, else 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    p.add_argument("--no-reuse", action="store_true", help="do not reuse the DRM's prefix activations")
+    p.add_argument("--grid", action="store_true", help="also write grid.png: k=1 vs k on the same seeds")
+    p.add_argument("--out", default="runs/samples", help="output folder: PNGs and results.jsonl")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The math
+
+def select_best(candidates, scores):
+    """candidates (B, k, C, H, W), scores (B, k) -> the best candidate of each row (B, C, H, W) and its score."""
+    best = scores.argmax(dim=1)  # (B,)
+    rows = torch.arange(len(best), device=best.device)
+    return candidates[rows, best], scores[rows, best]
+
+
+def sde_candidates(v, x, sigma, sigma_next, noise_level, eps):
+    """k SDE samples per latent from one mean: x, v (B, C, H, W), eps (B * k, C, H, W) -> (B * k, C, H, W)."""
+    _, _, mean, std = sde_step(v, x, sigma, sigma_next, noise_level, x_next=x)  # x_next given: nothing drawn
+    k = len(eps) // len(x)
+    return mean.repeat_interleave(k, 0) + std.repeat_interleave(k, 0) * eps
+
+
+def velocity(transformer, x, t, embeds, pooled, guidance, cached=None, first_block=0):
+    """Classifier-free-guided velocity. embeds/pooled hold [negative; positive] (2B, ...) when guidance > 1.
+    `cached` = (hidden, temb, context) of the positive branch after `first_block` blocks, reused when given."""
+    b, h, w = len(x), *x.shape[-2:]
+    timestep = t.expand(b)
+    if guidance <= 1:
+        if cached is not None:
+            return transformer_suffix(transformer, cached[0], cached[2], cached[1], first_block, h, w)
+        return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
+                           pooled_projections=pooled, return_dict=False)[0]
+    if cached is None:
+        v = transformer(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * b), encoder_hidden_states=embeds,
+                        pooled_projections=pooled, return_dict=False)[0]
+        v_uncond, v_cond = v.chunk(2)
+    else:
+        v_uncond = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds[:b],
+                               pooled_projections=pooled[:b], return_dict=False)[0]
+        v_cond = transformer_suffix(transformer, cached[0], cached[2], cached[1], first_block, h, w)
+    return v_uncond + guidance * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_level=0.7, height=512, width=512,
+                branch_steps=None, max_sequence_length=256, reuse=True, return_latents=False):
+    """Images (B, 3, H, W) in [-1, 1] and, per image, the chosen DRM score at each branching step (and the final
+    latents, with return_latents)."""
+    device, dtype, transformer = pipe.transformer.device, pipe.transformer.dtype, pipe.transformer
+    b, cfg = len(prompts), guidance > 1
+    # 1. Prompt embeddings ([negative; positive] with CFG) and the initial latents, drawn as the pipeline draws them.
+    pos, neg, pos_pooled, neg_pooled = pipe.encode_prompt(
+        prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=cfg,
+        max_sequence_length=max_sequence_length)
+    embeds, pooled = (torch.cat([neg, pos]), torch.cat([neg_pooled, pos_pooled])) if cfg else (pos, pos_pooled)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    x = pipe.prepare_latents(b, transformer.config.in_channels, height, width, dtype, device, generators).float()
+    noise_generators = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]
+    pipe.scheduler.set_timesteps(steps, device=device)
+    sigmas = pipe.scheduler.sigmas.float()  # (steps + 1,), from 1 to 0
+    start, end = branch_steps or (0, steps)
+    can_reuse = reuse and drm is not None and drm.mode == "frozen" and drm.transformer is transformer
+    cached, history = None, [[] for _ in range(b)]
+
+    for i in range(steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        # 2. One guided transformer forward for the current latents (the CFG pair batched together).
+        v = velocity(transformer, x.to(dtype), 1000 * sigma, embeds, pooled, guidance, cached, drm.prefix_blocks
+                     if cached is not None else 0).float()
+        cached = None
+        width_k = k if start <= i < end else 1
+        # 3. k candidates per latent from one mean: the SDE step with k independent noises.
+        eps = torch.cat([torch.randn((width_k, *x.shape[1:]), generator=g) for g in noise_generators]).to(device)
+        candidates = sde_candidates(v, x, sigma, sigma_next, noise_level, eps)  # (B * k, C, H, W)
+        if width_k == 1:
+            x = candidates
+            continue
+        # 4. One batched DRM forward over all B * k candidates at their own timestep; keep the argmax per latent.
+        c_embeds, c_pooled = pos.repeat_interleave(k, 0), pos_pooled.repeat_interleave(k, 0)
+        t_next = torch.full((b * k,), 1000 * float(sigma_next), device=device)
+        hidden, temb, context = drm.prefix(candidates.to(dtype), t_next, c_embeds, c_pooled, return_context=True)
+        scores = drm.score_prefix(hidden, temb, *x.shape[-2:]).view(b, k)  # (B, k)
+        x, best_scores = select_best(candidates.view(b, k, *x.shape[1:]), scores)
+        for row, score in enumerate(best_scores.tolist()):
+            history[row].append(round(score, 5))
+        if can_reuse and i + 1 < steps:
+            best = scores.argmax(dim=1) + torch.arange(b, device=device) * k  # (B,) rows of the chosen candidates
+            cached = (hidden[best], temb[best], context[best])
+    images = decode_latents(pipe.vae, x)
+    return (images, history, x) if return_latents else (images, history)
+
+
+def final_scores(drm, pipe, prompts, images, max_sequence_length):
+    """Clean-image DRM scores (t = 0, VAE mean) of decoded images in [-1, 1]."""
+    from model import encode_prompts, score_images
+    embeds, pooled = encode_prompts(pipe, prompts, max_sequence_length)
+    return score_images(drm, pipe.vae, images, embeds, pooled).tolist()
+
+
+def save_png(image, path):
+    Image.fromarray(((image.float().permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255)
+                    .astype(np.uint8)).save(path)
+
+
+def check_args(args):
+    if args.k < 1:
+        raise UserError(f"--k must be >= 1, got {args.k}")
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.images_per_prompt < 1 or args.batch_size < 1 or args.best_of_n < 0:
+        raise UserError("--images-per-prompt and --batch-size must be >= 1, --best-of-n >= 0")
+    if (args.k > 1 or args.best_of_n) and not args.drm:
+        raise UserError("--drm is required for --k > 1 and --best-of-n (the DRM chooses)")
+    if not args.prompt and not args.prompts:
+        raise UserError("give --prompt TEXT or --prompts FILE")
+    if args.branch_steps:
+        try:
+            start, end = (int(v) for v in args.branch_steps.split(":"))
+        except ValueError:
+            raise UserError(f"--branch-steps {args.branch_steps}: expected START:END") from None
+        if not 0 <= start < end <= args.steps:
+            raise UserError(f"--branch-steps {args.branch_steps}: need 0 <= START < END <= --steps {args.steps}")
+
+
+def main(args):
+    check_args(args)
+    prompts = args.prompt + (read_prompts(args.prompts) if args.prompts else [])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    default_size = pipe.default_sample_size * pipe.vae_scale_factor
+    height, width = args.height or default_size, args.width or default_size
+    if height % multiple or width % multiple:
+        raise UserError(f"--height {height} / --width {width} must be divisible by {multiple} for {args.model}")
+    drm, config = load_drm(args.drm, pipe.transformer) if args.drm else (None, {})
+    length = args.max_sequence_length or config.get("max_sequence_length", 256)
+    branch = tuple(int(v) for v in args.branch_steps.split(":")) if args.branch_steps else None
+    os.makedirs(args.out, exist_ok=True)
+
+    # Every (prompt, seed) job; best-of-N draws N plain trajectories per job and keeps the DRM's favourite.
+    jobs = [(p, args.seed + j) for p in prompts for j in range(args.images_per_prompt)]
+    runs = [("k", args.k)] + ([("k1", 1)] if args.grid and args.k > 1 else [])
+    results, grid = [], {}
+    for name, k in runs:
+        for start in tqdm(range(0, len(jobs), args.batch_size), desc=f"k={k}"):
+            batch = jobs[start:start + args.batch_size]
+            batch_prompts, seeds = [p for p, _ in batch], [s for _, s in batch]
+            n = args.best_of_n if (args.best_of_n and name == "k") else 1
+            best_images, best_scores, history = None, None, None
+            for trial in range(n):
+                images, hist = step_sample(pipe, drm, batch_prompts, [s + 7919 * trial for s in seeds],
+                                           1 if args.best_of_n else k, args.steps, args.guidance, args.noise_level,
+                                           height, width, branch, length, not args.no_reuse)
+                scores = final_scores(drm, pipe, batch_prompts, images, length) if drm else [None] * len(batch)
+                if best_images is None:
+                    best_images, best_scores, history = images.clone(), scores, hist
+                else:
+                    for row in range(len(batch)):
+                        if scores[row] > best_scores[row]:
+                            best_images[row], best_scores[row], history[row] = images[row], scores[row], hist[row]
+            for row, (prompt, seed) in enumerate(batch):
+                index = start + row
+                path = os.path.join(args.out, f"{name}_{index:05d}.png")
+                save_png(best_images[row], path)
+                grid.setdefault(index, {})[name] = best_images[row]
+                if name == "k":
+                    results.append(dict(prompt=prompt, seed=seed, k=k, best_of_n=args.best_of_n or None,
+                                        drm_score=best_scores[row], step_scores=history[row], file=path))
+    with open(os.path.join(args.out, "results.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in results)
+    if args.grid and args.k > 1:  # one row per image: plain sampling (k = 1) left, step-wise (k) right
+        cells = [torch.cat([grid[i]["k1"], grid[i]["k"]], dim=2) for i in sorted(grid)]
+        save_png(torch.cat(cells, dim=1), os.path.join(args.out, "grid.png"))
+    print(f"wrote {len(results)} images and results.jsonl to {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
