@@ -25,7 +25,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import UserError, read_prompts
-from model import decode_latents, load_drm, load_pipeline, sde_step, transformer_suffix
+from model import (decode_latents, encode_prompts, load_drm, load_pipeline, score_images, sde_step,
+                   transformer_suffix)
 
 
 def parse_args(argv=None):
@@ -126,7 +127,7 @@ def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_le
             continue
         # 4. One batched DRM forward over all B * k candidates at their own timestep; keep the argmax per latent.
         c_embeds, c_pooled = pos.repeat_interleave(k, 0), pos_pooled.repeat_interleave(k, 0)
-        t_next = torch.full((b * k,), 1000 * float(sigma_next), device=device)
+        t_next = (1000 * sigma_next).expand(b * k)  # the same float the next step's forward is given
         hidden, temb, context = drm.prefix(candidates.to(dtype), t_next, c_embeds, c_pooled, return_context=True)
         scores = drm.score_prefix(hidden, temb, *x.shape[-2:]).view(b, k)  # (B, k)
         x, best_scores = select_best(candidates.view(b, k, *x.shape[1:]), scores)
@@ -141,7 +142,6 @@ def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_le
 
 def final_scores(drm, pipe, prompts, images, max_sequence_length):
     """Clean-image DRM scores (t = 0, VAE mean) of decoded images in [-1, 1]."""
-    from model import encode_prompts, score_images
     embeds, pooled = encode_prompts(pipe, prompts, max_sequence_length)
     return score_images(drm, pipe.vae, images, embeds, pooled).tolist()
 
