@@ -1,0 +1,517 @@
+"""Step-wise GRPO with dense DRM rewards (PAPER.md section 3) and terminal Flow-GRPO as the baseline (section 2).
+
+--mode step (default): per prompt, roll out T SDE steps; at each step draw k candidates from the shared latent
+(one policy forward, k noises), score all k with the DRM at their own timestep 1000 * sigma_next, and normalise
+within the k: A_t^i = (R_i - mean) / (std + eps). The trajectory continues from the best (or a random) candidate.
+--mode grpo: G whole SDE trajectories per prompt, one terminal reward (DRM at t = 0 on the final latent), the group-
+normalised advantage broadcast to every step. Both modes share the loss: PPO-clip on exp(logp - logp_old), with
+logp from Flow-GRPO's SDE step, optional KL to the reference policy (the same transformer, LoRA disabled).
+The frozen DRM reads the base weights of the generator's own transformer (adapters disabled while it scores).
+
+Departures from the paper / Flow-GRPO:
+- Without --cfg-in-loss the policy is the conditional model alone (Flow-GRPO's no-CFG recipe): rollouts, loss and
+  evaluation all run at guidance 1 and --guidance is unused. With it, all three use the guided velocity.
+- --reward oracle (toy world only) decodes latents and scores them with toy.world.score (resized to 64 px). In
+  step mode only the last step's candidates (clean latents) are scored by it: intermediate steps get zero advantage
+  and continue from candidate 0 (a random draw). Decoding every step's x0 prediction was judged too costly.
+- --continue defaults to best, untested against random (the paper does not say; measure before trusting it).
+- No micro-batching: each step's policy forward sees all of the rank's latents at that step, as the rollout did,
+  so the kernels and hence the log-probs match (ratio 1 at the first inner epoch). Use fewer prompts per rank.
+- One optimizer step per inner epoch, gradients accumulated over the T recorded steps. No EMA, no PNG plot here.
+
+    python step_grpo.py --drm runs/toy/drm_frozen/drm.safetensors --out runs/step_grpo
+    python step_grpo.py --reward oracle --mode grpo --out runs/grpo_oracle
+    torchrun --nproc_per_node=8 step_grpo.py --model /models/sd3.5-medium --drm runs/drm/drm.safetensors \\
+        --prompts prompts.txt --eval-prompts eval.txt --height 512 --width 512 --cfg-in-loss --out runs/step_grpo
+"""
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import UserError, read_prompts
+from model import LORA_TARGETS, decode_latents, load_drm, load_pipeline, sde_step
+from reward_train import print0, setup_distributed
+from step_sample import sde_candidates, velocity
+
+
+@dataclass
+class Args:
+    model: str = field(default="toy/assets/pipeline", metadata={"help": "SD3/SD3.5 diffusers folder"})
+    drm: str = field(default="", metadata={"help": "DRM checkpoint (required unless --reward oracle)"})
+    reward: str = field(default="drm", metadata={"help": "drm | oracle (toy world: toy.world.score on images)"})
+    mode: str = field(default="step", metadata={"help": "step (Step-GRPO, dense rewards) | grpo (terminal reward)"})
+    prompts: str = field(default="", metadata={"help": "training prompt file; empty: the toy world's train prompts"})
+    eval_prompts: str = field(default="", metadata={"help": "held-out prompt file; empty: the toy held-out prompts"})
+    eval_num: int = field(default=64, metadata={"help": "evaluate on the first N held-out prompts (0: all)"})
+    k: int = field(default=4, metadata={"help": "step mode: SDE candidates per step"})
+    group: int = field(default=24, metadata={"help": "grpo mode: trajectories per prompt"})
+    continue_from: str = field(default="best", metadata={"help": "step mode: continue from the best | random "
+                                                                 "candidate"})
+    steps: int = field(default=10, metadata={"help": "T: denoising steps of a training rollout"})
+    eval_steps: int = field(default=40, metadata={"help": "denoising steps of the evaluation (ODE) samples"})
+    guidance: float = field(default=4.5, metadata={"help": "CFG scale, used only with --cfg-in-loss"})
+    cfg_in_loss: bool = field(default=False, metadata={"help": "the policy is the CFG-guided velocity (Flow-GRPO)"})
+    noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a"})
+    clip_eps: float = field(default=1e-4, metadata={"help": "PPO clip range of the ratio"})
+    adv_eps: float = field(default=1e-4, metadata={"help": "eps in A = (r - mean) / (std + eps)"})
+    kl_beta: float = field(default=0.0, metadata={"help": "weight of the KL to the reference (LoRA-off) policy"})
+    lora_rank: int = field(default=32, metadata={"help": "LoRA rank on the attention projections"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha"})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompts per optimizer step, all ranks together "
+                                                                "(a multiple of the number of ranks)"})
+    inner_epochs: int = field(default=1, metadata={"help": "updates on each rollout batch"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps (rollout + update) to run"})
+    eval_every: int = field(default=25, metadata={"help": "evaluate every N steps (and at the end); 0: end only"})
+    save_every: int = field(default=25, metadata={"help": "checkpoint every N steps (and at the end)"})
+    out: str = field(default="runs/step_grpo", metadata={"help": "output folder: checkpoint.pt, lora/, "
+                                                                 "metrics.jsonl"})
+    resume: str = field(default="", metadata={"help": "'latest' (OUT/checkpoint.pt, if any) or a checkpoint path"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    height: int = field(default=0, metadata={"help": "image height (0: the pipeline's default size)"})
+    width: int = field(default=0, metadata={"help": "image width (0: the pipeline's default size)"})
+    max_sequence_length: int = field(default=0, metadata={"help": "T5 tokens (0: the DRM's, else 16 for the toy "
+                                                                   "pipeline, else 256)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute transformer blocks in backward"})
+
+
+def parse_args(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in fields(Args):
+        flag = "--" + ("continue" if f.name == "continue_from" else f.name.replace("_", "-"))
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"],
+                                dest=f.name)
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"], dest=f.name)
+    return Args(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The math
+
+def step_advantages(rewards, eps=1e-4):
+    """Step-GRPO's local advantage: rewards (P, k) of the k candidates of one step -> (R - mean) / (std + eps)."""
+    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True, unbiased=False) + eps)
+
+
+def group_advantages(rewards, eps=1e-4):
+    """Flow-GRPO's advantage: terminal rewards (P, G) of a prompt's G trajectories, normalised within the group."""
+    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True, unbiased=False) + eps)
+
+
+def ppo_clip_loss(logp, logp_old, adv, clip_eps):
+    """PPO-clip on ratio = exp(logp - logp_old), all (N,). Returns (loss, mean |ratio - 1|, clipped fraction)."""
+    ratio = torch.exp(logp - logp_old)
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps)).mean()
+    ratio_dev = (ratio - 1).abs().mean().detach()
+    clip_frac = ((ratio - 1).abs() > clip_eps).float().mean().detach()
+    return loss, ratio_dev, clip_frac
+
+
+def candidate_log_probs(v, x, sigma, sigma_next, noise_level, candidates, k):
+    """log-probs (B * k,) of k candidates per latent under the SDE step from x (B, ...) with velocity v (B, ...):
+    one mean per latent, repeated for its k candidates (B * k, C, H, W). Also returns the means and stds."""
+    _, logp, mean, std = sde_step(v.repeat_interleave(k, 0), x.repeat_interleave(k, 0), sigma, sigma_next,
+                                  noise_level, x_next=candidates)
+    return logp, mean, std
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards, rollouts, the update
+
+@contextlib.contextmanager
+def base_weights(transformer):
+    """The transformer without its LoRA: the frozen DRM's backbone and the KL's reference policy."""
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
+@torch.no_grad()
+def oracle_scores(vae, latents, prompts):
+    """Toy-world oracle (N,) of latents (N, C, h, w): decoded, resized to the oracle's 64 px, in [0, 255]."""
+    from toy.world import score
+    images = decode_latents(vae, latents).float()  # (N, 3, H, W) in [-1, 1]
+    if images.shape[-2:] != (64, 64):
+        images = F.interpolate(images, size=(64, 64), mode="bilinear", antialias=True)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).cpu().numpy()  # (N, 64, 64, 3)
+    return torch.tensor(score(pixels, prompts), dtype=torch.float32, device=latents.device)
+
+
+@torch.no_grad()
+def drm_scores(latents, timestep, pos, pos_pooled, ctx):
+    """DRM scores (N,) of latents (N, C, h, w) at `timestep`, read through the base weights (LoRA off)."""
+    with base_weights(ctx["transformer"]), ctx["autocast"]():
+        t = torch.full((len(latents),), float(timestep), device=latents.device)
+        return ctx["drm"](latents.to(ctx["dtype"]), t, pos, pos_pooled).float()
+
+
+def rewards_of(latents, timestep, prompts, pos, pos_pooled, ctx):
+    """The training reward (N,): the DRM at `timestep`, or the oracle; prompts / pos / pos_pooled per row."""
+    if ctx["args"].reward == "oracle":
+        return oracle_scores(ctx["pipe"].vae, latents, prompts)
+    return drm_scores(latents, timestep, pos, pos_pooled, ctx)
+
+
+def policy_embeddings(pos, pos_pooled, neg, neg_pooled, repeats, cfg):
+    """Per-row embeddings of the policy's forward: [negative; positive] (2B, ...) with CFG, positive (B, ...) else."""
+    rep = lambda t: t.repeat_interleave(repeats, 0)  # noqa: E731
+    if cfg:
+        return torch.cat([rep(neg), rep(pos)]), torch.cat([rep(neg_pooled), rep(pos_pooled)])
+    return rep(pos), rep(pos_pooled)
+
+
+@torch.no_grad()
+def rollout(prompts, ctx, generator):
+    """Sample with the current policy and record every step. Returns (records, the policy's embeddings, log): a
+    record holds the shared latents x (B, C, h, w), sigma, sigma_next, the candidates x_next (B * k, ...), their
+    log-probs (B * k,) and advantages (B * k,). Every rank records exactly --steps records (DDP syncs on the last)."""
+    args, pipe, transformer, dtype = ctx["args"], ctx["pipe"], ctx["transformer"], ctx["dtype"]
+    step_mode, device = args.mode == "step", ctx["device"]
+    k, per_prompt = (args.k, 1) if step_mode else (1, args.group)
+    p, guidance = len(prompts), args.guidance if args.cfg_in_loss else 1.0
+    pos, neg, pos_pooled, neg_pooled = ctx["encode"](prompts)
+    embeds, pooled = policy_embeddings(pos, pos_pooled, neg, neg_pooled, per_prompt, args.cfg_in_loss)
+    b = p * per_prompt  # shared latents: one per prompt (step) or one per trajectory (grpo), grouped by prompt
+    x = torch.randn((b, *ctx["latent_shape"]), generator=generator, device=device)  # x_T (B, C, h, w)
+    rows, records, log = torch.arange(b, device=device), [], {}
+    for i in range(args.steps):
+        sigma, sigma_next = ctx["sigmas"][i], ctx["sigmas"][i + 1]
+        # 1. Sample: one policy forward at the shared latents, k candidates each from one mean.
+        with ctx["autocast"]():
+            v = velocity(transformer, x.to(dtype), 1000 * sigma, embeds, pooled, guidance).float()  # (B, C, h, w)
+        eps = torch.randn((b * k, *x.shape[1:]), generator=generator, device=device)
+        candidates = sde_candidates(v, x, sigma, sigma_next, args.noise_level, eps)  # (B * k, C, h, w)
+        logp, _, _ = candidate_log_probs(v, x, sigma, sigma_next, args.noise_level, candidates, k)  # (B * k,)
+        records.append(dict(x=x, sigma=sigma, sigma_next=sigma_next, x_next=candidates, logp=logp, k=k))
+        if not step_mode:
+            x = candidates
+            continue
+        # 2. Score all k candidates at their timestep; 3. local advantages within the k.
+        if args.reward == "drm" or i == args.steps - 1:
+            rewards = rewards_of(candidates, 1000 * sigma_next, [q for q in prompts for _ in range(k)],
+                                 pos.repeat_interleave(k, 0), pos_pooled.repeat_interleave(k, 0), ctx).view(b, k)
+        else:  # oracle in step mode: intermediate steps are not scored (see the docstring)
+            rewards = torch.zeros(b, k, device=device)
+        records[-1]["adv"] = step_advantages(rewards, args.adv_eps).flatten()  # (B * k,)
+        if args.continue_from == "best":
+            choice = rewards.argmax(1)
+        else:
+            choice = torch.randint(0, k, (b,), generator=generator, device=generator.device).to(device)
+        x = candidates.view(b, k, *x.shape[1:])[rows, choice]  # (B, C, h, w)
+        log["reward"], log["reward_chosen"] = float(rewards.mean()), float(rewards[rows, choice].mean())  # last wins
+    if not step_mode:
+        # 2. Terminal reward of each trajectory; 3. group advantages, the same at every step.
+        rewards = rewards_of(x, 0.0, [q for q in prompts for _ in range(per_prompt)], pos.repeat_interleave(
+            per_prompt, 0), pos_pooled.repeat_interleave(per_prompt, 0), ctx).view(p, per_prompt)  # (P, G)
+        adv = group_advantages(rewards, args.adv_eps).flatten()  # (P * G,)
+        for record in records:
+            record["adv"] = adv
+        log["reward"] = log["reward_chosen"] = float(rewards.mean())
+    return records, (embeds, pooled), log
+
+
+def policy_loss(model, record, embeds, pooled, ctx):
+    """PPO-clip loss of one recorded step (+ beta * KL to the LoRA-off policy): ONE policy forward at the shared
+    latents gives the mean of all k candidates' log-probs."""
+    args, dtype = ctx["args"], ctx["dtype"]
+    guidance = args.guidance if args.cfg_in_loss else 1.0
+    x, sigma, sigma_next, k = record["x"], record["sigma"], record["sigma_next"], record["k"]
+    with ctx["autocast"]():
+        v = velocity(model, x.to(dtype), 1000 * sigma, embeds, pooled, guidance).float()  # (B, C, h, w)
+    logp, mean, std = candidate_log_probs(v, x, sigma, sigma_next, args.noise_level, record["x_next"], k)
+    loss, ratio_dev, clip_frac = ppo_clip_loss(logp, record["logp"], record["adv"], args.clip_eps)
+    kl = torch.zeros((), device=x.device)
+    if args.kl_beta > 0:
+        with torch.no_grad(), base_weights(ctx["transformer"]), ctx["autocast"]():
+            v_ref = velocity(ctx["transformer"], x.to(dtype), 1000 * sigma, embeds, pooled, guidance).float()
+        _, mean_ref, _ = candidate_log_probs(v_ref, x, sigma, sigma_next, args.noise_level, record["x_next"], k)
+        kl = ((mean - mean_ref) ** 2 / (2 * std ** 2)).mean()
+        loss = loss + args.kl_beta * kl
+    return loss, dict(ratio_dev=ratio_dev, clip_frac=clip_frac, kl=kl.detach())
+
+
+@torch.no_grad()
+def evaluate(prompts, ctx, rank, world):
+    """Deterministic (ODE) samples of the held-out prompts, scored by the DRM (t = 0) and, on toy prompts, the
+    oracle. The same seeds every time, so evaluations along training are comparable."""
+    from step_sample import step_sample
+    args, pipe = ctx["args"], ctx["pipe"]
+    mine = prompts[rank::world]
+    sums = torch.zeros(3, device=ctx["device"])  # drm, oracle, count
+    for start in range(0, len(mine), 8):
+        batch = mine[start:start + 8]
+        with ctx["autocast"]():
+            _, _, latents = step_sample(pipe, None, batch, [args.seed + 7 * (start + j) for j in range(len(batch))],
+                                        k=1, steps=args.eval_steps, guidance=args.guidance if args.cfg_in_loss
+                                        else 1.0, noise_level=0.0, height=ctx["height"], width=ctx["width"],
+                                        max_sequence_length=ctx["length"], return_latents=True)
+        latents = latents.float()
+        if ctx["drm"] is not None:
+            pos, _, pos_pooled, _ = ctx["encode"](batch)
+            sums[0] += drm_scores(latents, 0.0, pos, pos_pooled, ctx).sum()
+        if ctx["toy"]:
+            sums[1] += oracle_scores(pipe.vae, latents, batch).sum()
+        sums[2] += len(batch)
+    if world > 1:
+        dist.all_reduce(sums)
+    row = dict(eval_prompts=int(sums[2]))
+    if ctx["drm"] is not None:
+        row["eval_drm"] = round(float(sums[0] / sums[2]), 5)
+    if ctx["toy"]:
+        row["eval_oracle"] = round(float(sums[1] / sums[2]), 5)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA, checkpoints, input checks
+
+def add_lora(transformer, rank, alpha):
+    """Flow-GRPO's LoRA: r=32, alpha=64 on the attention projections (both streams, both attentions)."""
+    from peft import LoraConfig
+    # The last block's context queries only feed its discarded context output: no gradient could reach them
+    # (and DDP requires every trained parameter to get one).
+    # A regex (peft full-matches it), not exclude_modules: diffusers' loader would warn that nothing was excluded.
+    last = len(transformer.transformer_blocks) - 1
+    targets = "|".join(t.replace(".", r"\.") for t in LORA_TARGETS)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=(
+        rf"(?!transformer_blocks\.{last}\.attn\.add_q_proj$).*\.({targets})")))
+    for name, param in transformer.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            param.data = param.data.float()  # trained in fp32 over a bf16 base
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def save_lora(transformer, out_dir):
+    """diffusers' own layout; the peft config travels as metadata so load_lora_weights gets alpha right."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+    tmp = out_dir + ".tmp"
+    StableDiffusion3Pipeline.save_lora_weights(
+        tmp, transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+
+
+def shard_prompts(step, rank, world, prompts, per_step, seed):
+    """This rank's prompts of one step: a fresh permutation each epoch, contiguous per rank, so a prompt's group
+    never spans ranks. The position is the step itself: resuming needs no sampler state."""
+    per_rank, chosen = per_step // world, []
+    for position in range(step * per_step + rank * per_rank, step * per_step + (rank + 1) * per_rank):
+        epoch, offset = divmod(position, len(prompts))
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        chosen.append(prompts[int(order[offset])])
+    return chosen
+
+
+def check_args(args, world):
+    choices = dict(reward=("drm", "oracle"), mode=("step", "grpo"), continue_from=("best", "random"))
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            flag = "continue" if name == "continue_from" else name
+            raise UserError(f"--{flag} {getattr(args, name)}: choose one of {', '.join(allowed)}")
+    if args.reward == "drm" and not args.drm:
+        raise UserError("--drm is required with --reward drm (or use --reward oracle on the toy world)")
+    if args.mode == "step" and args.k < 2:
+        raise UserError(f"--k {args.k}: step mode needs >= 2 candidates per step to compare")
+    if args.mode == "grpo" and args.group < 2:
+        raise UserError(f"--group {args.group}: grpo mode needs >= 2 trajectories per prompt to compare")
+    if args.lora_rank <= 0 or args.lora_alpha <= 0:
+        raise UserError(f"--lora-rank {args.lora_rank} / --lora-alpha {args.lora_alpha} must be > 0")
+    for name in ("steps", "eval_steps", "inner_epochs", "save_every", "max_steps", "prompts_per_step"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.prompts_per_step % world:
+        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks")
+    if args.resume and args.resume != "latest" and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such checkpoint file")
+
+
+def load_prompt_sets(args, world):
+    from toy.world import split_prompts
+    train, held_out = split_prompts() if not (args.prompts and args.eval_prompts) else (None, None)
+    prompts = read_prompts(args.prompts) if args.prompts else train
+    eval_prompts = read_prompts(args.eval_prompts) if args.eval_prompts else held_out
+    if world > len(prompts):
+        raise UserError(f"{world} ranks but only {len(prompts)} training prompts: use fewer ranks or more prompts")
+    return prompts, eval_prompts[:args.eval_num or None]
+
+
+def toy_length(path):
+    """The default T5 length without a DRM: the toy pipeline's training length (16), else 256. The length changes
+    the embeddings (padding tokens are attended), so a pipeline must be sampled with the length it learnt."""
+    from toy.build import MAX_SEQUENCE_LENGTH
+    toy_pipeline = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "assets", "pipeline")
+    return MAX_SEQUENCE_LENGTH if os.path.realpath(path) == os.path.realpath(toy_pipeline) else 256
+
+
+def is_toy(prompts):
+    from toy.world import parse_prompt
+    try:
+        for prompt in prompts:
+            parse_prompt(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(args):
+    rank, world, device = setup_distributed()
+    check_args(args, world)
+    prompts, eval_prompts = load_prompt_sets(args, world)
+    if args.reward == "oracle" and not is_toy(prompts):
+        raise UserError("--reward oracle scores toy-world prompts only: give toy prompts (or none: the default)")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    import diffusers
+    diffusers.utils.logging.set_verbosity_error()  # not one T5 truncation warning per batch of "" prompts
+    torch.manual_seed(args.seed + rank)
+    os.makedirs(args.out, exist_ok=True)
+
+    # Model: the DRM first (frozen mode freezes the transformer), then the policy's LoRA on the same transformer.
+    pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    transformer = pipe.transformer
+    for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if part is not None:
+            part.requires_grad_(False)
+    drm, config = load_drm(args.drm, transformer) if args.drm else (None, {})
+    length = args.max_sequence_length or config.get("max_sequence_length", toy_length(args.model))
+    multiple = pipe.vae_scale_factor * transformer.config.patch_size
+    default_size = pipe.default_sample_size * pipe.vae_scale_factor
+    height, width = args.height or default_size, args.width or default_size
+    if height % multiple or width % multiple:
+        raise UserError(f"--height {height} / --width {width} must be divisible by {multiple} for {args.model}")
+    trainable = add_lora(transformer, args.lora_rank, args.lora_alpha)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    print0(f"policy LoRA r={args.lora_rank} alpha={args.lora_alpha}: {sum(p.numel() for p in trainable) / 1e6:.2f}M "
+           f"trained parameters; mode {args.mode}, reward {args.reward}, {dtype}, {world} rank(s)", rank=rank)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    model = torch.nn.parallel.DistributedDataParallel(
+        transformer, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else transformer
+    pipe.scheduler.set_timesteps(args.steps, device=device)
+
+    def encode(batch):  # -> positive, negative, positive pooled, negative pooled (negatives only with CFG)
+        return pipe.encode_prompt(prompt=list(batch), prompt_2=None, prompt_3=None, device=device,
+                                  do_classifier_free_guidance=args.cfg_in_loss, max_sequence_length=length)
+
+    # The training schedule, kept apart: evaluation re-sets the pipeline's scheduler to --eval-steps.
+    ctx = dict(args=args, pipe=pipe, transformer=transformer, drm=drm, dtype=dtype, device=device, encode=encode,
+               sigmas=pipe.scheduler.sigmas.float().clone().to(device), height=height, width=width, length=length,
+               latent_shape=(transformer.config.in_channels, height // pipe.vae_scale_factor,
+                             width // pipe.vae_scale_factor), toy=is_toy(eval_prompts),
+               autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32))
+
+    # Resume: LoRA, optimizer, step (= data position), every rank's RNG states.
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
+    start_step, checkpoint_path = 0, os.path.join(args.out, "checkpoint.pt")
+    resume_path = checkpoint_path if args.resume == "latest" else args.resume
+    if resume_path and os.path.isfile(resume_path):
+        checkpoint = torch.load(resume_path, map_location=device, weights_only=False)
+        for name in ("mode", "lora_rank", "lora_alpha", "cfg_in_loss"):
+            if checkpoint["args"][name] != getattr(args, name):
+                raise UserError(f"--resume {resume_path}: the checkpoint has --{name.replace('_', '-')} "
+                                f"{checkpoint['args'][name]}, this run has {getattr(args, name)}")
+        set_peft_model_state_dict(transformer, checkpoint["lora"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step = checkpoint["step"]
+        if len(checkpoint["rng"]) == world:
+            torch.set_rng_state(checkpoint["rng"][rank]["torch"])
+            generator.set_state(checkpoint["rng"][rank]["noise"])
+        else:
+            print0(f"resume: {len(checkpoint['rng'])} ranks saved RNG states, {world} now: reseeding", rank=rank)
+        print0(f"resumed from {resume_path} at step {start_step}", rank=rank)
+    elif args.resume == "latest":
+        print0(f"--resume latest: no {checkpoint_path} yet, starting fresh", rank=rank)
+    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
+
+    def checkpoint_now(step):
+        states = [dict(torch=torch.get_rng_state(), noise=generator.get_state())]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, states[0])
+            states = gathered
+        if rank == 0:
+            lora = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
+            checkpoint = dict(lora=lora, optimizer=optimizer.state_dict(), step=step, rng=states, args=asdict(args))
+            torch.save(checkpoint, checkpoint_path + ".tmp")
+            os.replace(checkpoint_path + ".tmp", checkpoint_path)
+            save_lora(transformer, os.path.join(args.out, "lora"))
+
+    device_seconds = 0.0
+    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=rank != 0)
+    for step in bar:
+        t0 = time.time()
+        batch = shard_prompts(step, rank, world, prompts, args.prompts_per_step, args.seed)
+        # 1-3. Sample with the current policy, score, advantages (per step, or terminal broadcast to all steps).
+        records, (embeds, pooled), log = rollout(batch, ctx, generator)
+        # 4. Update: PPO-clip over every recorded step, one optimizer step per inner epoch.
+        for epoch in range(args.inner_epochs):
+            stats = dict(loss=0.0, ratio_dev=0.0, clip_frac=0.0, kl=0.0)
+            for i, record in enumerate(records):
+                last = i == len(records) - 1
+                with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+                    loss, extra = policy_loss(model, record, embeds, pooled, ctx)
+                    (loss / len(records)).backward()
+                stats["loss"] += loss.item() / len(records)
+                for name, value in extra.items():
+                    stats[name] += float(value) / len(records)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if epoch == 0:  # logged: the on-policy check needs the first epoch's ratio (it must be 1)
+                first = stats
+
+        # 5. Log, evaluate, checkpoint.
+        done = step + 1
+        # reward: mean over the last step's candidates (step mode: clean latents) or the terminal rewards (grpo).
+        totals = torch.tensor([log["reward"], log["reward_chosen"], first["loss"], first["kl"], first["ratio_dev"],
+                               first["clip_frac"]], device=device)
+        if world > 1:
+            dist.all_reduce(totals)
+            totals /= world
+        seconds = time.time() - t0
+        device_seconds += seconds * world
+        row = dict(step=done, reward=totals[0].item(), reward_chosen=totals[1].item(), loss=totals[2].item(),
+                   kl=totals[3].item(), ratio_dev=totals[4].item(), clip_frac=totals[5].item(),
+                   grad_norm=float(grad_norm), seconds=round(seconds, 3), device_seconds=round(device_seconds, 2))
+        if eval_prompts and (done == args.max_steps or (args.eval_every and done % args.eval_every == 0)):
+            row.update(evaluate(eval_prompts, ctx, rank, world))
+            print0(f"step {done} eval: {({k: v for k, v in row.items() if k.startswith('eval')})}", rank=rank)
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            bar.set_postfix(reward=round(row["reward"], 4), ratio_dev=f"{row['ratio_dev']:.1e}")
+        if done == args.max_steps or done % args.save_every == 0:
+            checkpoint_now(done)
+    bar.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,240 @@
+"""Step-GRPO / Flow-GRPO on a tiny random SD3.5-style pipeline: the advantage and loss math, the on-policy check
+(ratio 1 at the first update), both modes end to end, the LoRA in diffusers' format, resume, torchrun, bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from safetensors.torch import load_file
+
+import model
+import step_grpo
+from data import UserError
+from tiny_pipeline import TINY_TRANSFORMER, build_tiny_pipeline, save_tiny_pipeline
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+RUN = ["--height", "32", "--width", "32", "--steps", "3", "--max-sequence-length", "16", "--prompts-per-step", "2",
+       "--eval-num", "1", "--eval-steps", "2", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipeline", seed=3)
+
+
+@pytest.fixture(scope="module")
+def drm_file(tiny_dir, tmp_path_factory):
+    pipe = model.load_pipeline(tiny_dir)
+    drm = model.DRM(pipe.transformer, skip_last_blocks=1, train_output_layers=True)
+    for p in drm.reward_output.parameters():  # a head whose scores vary across candidates
+        p.data.normal_(0, 0.2)
+    path = str(tmp_path_factory.mktemp("drm") / "drm.safetensors")
+    model.save_drm(drm, path, max_sequence_length=16)
+    return path
+
+
+def run(args, nproc=0, check=True):
+    launcher = [sys.executable] if not nproc else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   f"--nproc_per_node={nproc}"]
+    result = subprocess.run(launcher + [os.path.join(REPO, "step_grpo.py"), *args], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=180)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The math
+
+@pytest.mark.parametrize("advantages", [step_grpo.step_advantages, step_grpo.group_advantages])
+def test_advantages(advantages):
+    assert torch.equal(advantages(torch.full((3, 4), 2.5)), torch.zeros(3, 4))  # equal rewards: no preference
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.5, -0.5, 0.0, 0.0]])
+    adv = advantages(rewards)
+    assert adv.shape == rewards.shape
+    assert torch.equal(adv > 0, rewards > rewards.mean(1, keepdim=True))  # sign: better than the row's mean
+    torch.testing.assert_close(adv.mean(1), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(adv.std(1, unbiased=False), torch.ones(2), atol=1e-3, rtol=0)
+    expected = (torch.tensor([1.0, 3.0]) - 2.0) / (1.0 + 1e-4)  # population std of (1, 3) is 1
+    torch.testing.assert_close(advantages(torch.tensor([[1.0, 3.0]]))[0], expected)
+
+
+def test_ppo_clip_loss_by_hand():
+    ratio = torch.tensor([1.5, 0.5, 1.0, 1.05])
+    adv = torch.tensor([1.0, 1.0, -2.0, -1.0])
+    logp_old = torch.tensor([-1.0, 0.3, 2.0, 0.0])
+    loss, ratio_dev, clip_frac = step_grpo.ppo_clip_loss(logp_old + ratio.log(), logp_old, adv, clip_eps=0.1)
+    # per sample max(-A r, -A clip(r)): max(-1.5, -1.1) = -1.1; max(-0.5, -0.9) = -0.5; 2 * 1; max(1.05, 1.05)
+    torch.testing.assert_close(loss, torch.tensor((-1.1 - 0.5 + 2.0 + 1.05) / 4))
+    torch.testing.assert_close(ratio_dev, torch.tensor((0.5 + 0.5 + 0.0 + 0.05) / 4))
+    assert float(clip_frac) == 0.5
+
+
+def test_candidate_log_probs_are_the_gaussian_density():
+    x, v, k = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), 3
+    candidates = torch.randn(6, 16, 4, 4)
+    logp, mean, std = step_grpo.candidate_log_probs(v, x, 0.6, 0.45, 0.7, candidates, k)
+    _, _, mean_one, std_one = model.sde_step(v, x, 0.6, 0.45, 0.7, x_next=x)
+    torch.testing.assert_close(mean, mean_one.repeat_interleave(k, 0))
+    density = torch.distributions.Normal(mean_one.repeat_interleave(k, 0), std_one.repeat_interleave(k, 0))
+    torch.testing.assert_close(logp, density.log_prob(candidates).mean(dim=(1, 2, 3)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA in diffusers' format
+
+def transformer_output(transformer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, 4, 4, generator=g)
+    embeds = torch.randn(2, 10, TINY_TRANSFORMER["joint_attention_dim"], generator=g)
+    pooled = torch.randn(2, TINY_TRANSFORMER["pooled_projection_dim"], generator=g)
+    with torch.no_grad():
+        return transformer(hidden_states=x, timestep=torch.tensor([300.0, 800.0]), encoder_hidden_states=embeds,
+                           pooled_projections=pooled, return_dict=False)[0]
+
+
+def test_saved_lora_loads_in_diffusers_with_its_alpha(tiny_dir, tmp_path):
+    pipe = model.load_pipeline(tiny_dir)
+    base = transformer_output(pipe.transformer)
+    trainable = step_grpo.add_lora(pipe.transformer, rank=4, alpha=16)  # scale alpha / r = 4, not diffusers' 1
+    for name, p in pipe.transformer.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    assert trainable and all(p.requires_grad and p.dtype == torch.float32 for p in trainable)
+    trained = transformer_output(pipe.transformer)
+    step_grpo.save_lora(pipe.transformer, str(tmp_path / "lora"))
+    loaded = StableDiffusion3Pipeline.from_pretrained(tiny_dir)
+    loaded.load_lora_weights(str(tmp_path / "lora"))
+    assert (trained - base).abs().max() > 1e-3  # the LoRA changes the output ...
+    torch.testing.assert_close(transformer_output(loaded.transformer), trained)  # ... and diffusers reproduces it
+
+
+def test_frozen_drm_reads_the_base_weights_and_lora_trains(tiny_dir, drm_file):
+    pipe = model.load_pipeline(tiny_dir)
+    drm, _ = model.load_drm(drm_file, pipe.transformer)  # frozen mode: requires_grad_(False) on the transformer
+    x, t = torch.randn(2, 16, 4, 4), torch.tensor([500.0, 500.0])
+    embeds, pooled = torch.randn(2, 10, TINY_TRANSFORMER["joint_attention_dim"]), torch.randn(2, 96)
+    before = drm(x, t, embeds, pooled)
+    trainable = step_grpo.add_lora(pipe.transformer, rank=4, alpha=8)
+    for name, p in pipe.transformer.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    assert (drm(x, t, embeds, pooled) - before).abs().max() > 1e-4  # the LoRA reaches the shared prefix
+    ctx = dict(transformer=pipe.transformer, drm=drm, dtype=torch.float32, autocast=lambda: torch.autocast(
+        "cpu", enabled=False))
+    torch.testing.assert_close(step_grpo.drm_scores(x, 500.0, embeds, pooled, ctx), before)
+    assert all(p.requires_grad for p in trainable)  # enable_adapters() after scoring keeps them trainable
+    v = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                         return_dict=False)[0]
+    v.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)  # every LoRA matrix gets a gradient
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end
+
+@pytest.fixture(scope="module")
+def step_run(tiny_dir, drm_file, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("step"))
+    run(["--model", tiny_dir, "--drm", drm_file, "--mode", "step", "--k", "2", "--max-steps", "2",
+         "--save-every", "1", "--out", out, *RUN])
+    return out
+
+
+def test_step_mode_run_is_on_policy_and_trains(step_run, tiny_dir):
+    rows = metrics(step_run)
+    assert [r["step"] for r in rows] == [1, 2] and "eval_drm" in rows[-1] and "eval_oracle" in rows[-1]
+    for row in rows:  # the first update's ratio is 1: rollout and update compute the same log-probs (fp32)
+        assert row["ratio_dev"] < 1e-4 and row["clip_frac"] == 0 and math.isfinite(row["loss"])
+    lora = load_file(os.path.join(step_run, "lora", "pytorch_lora_weights.safetensors"))
+    assert lora and all(k.startswith("transformer.") for k in lora)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in lora.items())  # B starts at zero: it trained
+    # The diffusers file and the checkpoint's LoRA are the same adapter: load each, compare the outputs.
+    checkpoint = torch.load(os.path.join(step_run, "checkpoint.pt"), weights_only=False)
+    pipe = model.load_pipeline(tiny_dir)
+    step_grpo.add_lora(pipe.transformer, rank=4, alpha=8)
+    from peft.utils import set_peft_model_state_dict
+    set_peft_model_state_dict(pipe.transformer, checkpoint["lora"])
+    loaded = StableDiffusion3Pipeline.from_pretrained(tiny_dir)
+    loaded.load_lora_weights(os.path.join(step_run, "lora"))
+    torch.testing.assert_close(transformer_output(loaded.transformer), transformer_output(pipe.transformer))
+    assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 1
+
+
+def test_grpo_mode_with_oracle_cfg_and_kl(tiny_dir, tmp_path):
+    out = str(tmp_path / "grpo")
+    run(["--model", tiny_dir, "--reward", "oracle", "--mode", "grpo", "--group", "2", "--cfg-in-loss",
+         "--guidance", "3", "--kl-beta", "0.1", "--max-steps", "2", "--out", out, *RUN])
+    rows = metrics(out)
+    assert len(rows) == 2 and all(r["ratio_dev"] < 1e-4 for r in rows) and "eval_oracle" in rows[-1]
+    assert all(0 <= r["reward"] <= 1 for r in rows)  # the oracle's range
+    assert os.path.isfile(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
+
+
+def test_resume_gives_the_uninterrupted_weights(step_run, tiny_dir, drm_file, tmp_path):
+    out = str(tmp_path / "resumed")
+    common = ["--model", tiny_dir, "--drm", drm_file, "--mode", "step", "--k", "2", "--out", out, *RUN]
+    run([*common, "--max-steps", "1"])
+    run([*common, "--max-steps", "2", "--resume", "latest"])
+    resumed = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    straight = torch.load(os.path.join(step_run, "checkpoint.pt"), weights_only=False)
+    assert resumed["step"] == straight["step"] == 2
+    for name, tensor in straight["lora"].items():
+        torch.testing.assert_close(resumed["lora"][name], tensor, rtol=0, atol=1e-6)
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+
+
+def test_torchrun_two_processes(tiny_dir, drm_file, tmp_path):
+    out = str(tmp_path / "ddp")
+    run(["--model", tiny_dir, "--drm", drm_file, "--mode", "step", "--k", "2", "--max-steps", "2", "--out", out,
+         *RUN], nproc=2)
+    rows = metrics(out)
+    assert len(rows) == 2 and all(r["ratio_dev"] < 1e-4 for r in rows)
+    assert len(torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["rng"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one clear error before any work
+
+@pytest.fixture(scope="module")
+def other_drm(tmp_path_factory):
+    pipe = build_tiny_pipeline(seed=1, transformer_config=dict(TINY_TRANSFORMER, num_layers=3))
+    path = str(tmp_path_factory.mktemp("other") / "drm.safetensors")
+    model.save_drm(model.DRM(pipe.transformer, skip_last_blocks=1), path, max_sequence_length=16)
+    return path
+
+
+def test_bad_inputs(tiny_dir, drm_file, other_drm, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    two = tmp_path / "two.txt"
+    two.write_text("a red circle\na blue square\n")
+    base = ["--model", tiny_dir, "--drm", drm_file, "--out", str(tmp_path / "bad"), *RUN]
+    cases = {
+        "no such prompt file": ["--prompts", str(tmp_path / "missing.txt")],
+        "holds no prompts": ["--prompts", str(empty)],
+        "--k 1": ["--k", "1"],
+        "--group 1": ["--mode", "grpo", "--group", "1"],
+        "--lora-rank 0": ["--lora-rank", "0"],
+        "trained over a transformer with num_layers=3": ["--drm", other_drm],
+        "--drm is required": ["--drm", "", "--reward", "drm"],
+    }
+    for message, extra in cases.items():
+        with pytest.raises(UserError, match=message.replace("-", r"\-")):
+            step_grpo.main(step_grpo.parse_args([*base, *extra]))
+    args = step_grpo.parse_args([*base, "--prompts", str(two)])
+    with pytest.raises(UserError, match="3 ranks but only 2 training prompts"):
+        step_grpo.load_prompt_sets(args, world=3)
+    assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")
+    result = run([*base, "--k", "1"], check=False)  # the command line: one line, exit 2
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --k 1")
