@@ -194,10 +194,11 @@ def test_resume_gives_the_uninterrupted_weights(step_run, tiny_dir, drm_file, tm
     assert [r["step"] for r in metrics(out)] == [1, 2]
 
 
-def test_torchrun_two_processes(tiny_dir, drm_file, tmp_path):
+@pytest.mark.parametrize("mode", ["step", "grpo"])
+def test_torchrun_two_processes(tiny_dir, drm_file, tmp_path, mode):
     out = str(tmp_path / "ddp")
-    run(["--model", tiny_dir, "--drm", drm_file, "--mode", "step", "--k", "2", "--max-steps", "2", "--out", out,
-         *RUN], nproc=2)
+    run(["--model", tiny_dir, "--drm", drm_file, "--mode", mode, "--k", "2", "--group", "2", "--max-steps", "2",
+         "--out", out, *RUN], nproc=2)
     rows = metrics(out)
     assert len(rows) == 2 and all(r["ratio_dev"] < 1e-4 for r in rows)
     assert len(torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["rng"]) == 2
@@ -219,6 +220,8 @@ def test_bad_inputs(tiny_dir, drm_file, other_drm, tmp_path):
     empty.write_text("\n")
     two = tmp_path / "two.txt"
     two.write_text("a red circle\na blue square\n")
+    cat = tmp_path / "cat.txt"
+    cat.write_text("a photo of a cat\n")
     base = ["--model", tiny_dir, "--drm", drm_file, "--out", str(tmp_path / "bad"), *RUN]
     cases = {
         "no such prompt file": ["--prompts", str(tmp_path / "missing.txt")],
@@ -228,6 +231,7 @@ def test_bad_inputs(tiny_dir, drm_file, other_drm, tmp_path):
         "--lora-rank 0": ["--lora-rank", "0"],
         "trained over a transformer with num_layers=3": ["--drm", other_drm],
         "--drm is required": ["--drm", "", "--reward", "drm"],
+        "scores toy-world prompts only": ["--reward", "oracle", "--prompts", str(cat)],
     }
     for message, extra in cases.items():
         with pytest.raises(UserError, match=message.replace("-", r"\-")):
