@@ -27,6 +27,7 @@ Departures from the paper / Flow-GRPO:
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -458,6 +459,8 @@ def main(args):
             os.replace(checkpoint_path + ".tmp", checkpoint_path)
             save_lora(transformer, os.path.join(args.out, "lora"))
 
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, then exit
     device_seconds = 0.0
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=rank != 0)
     for step in bar:
@@ -502,8 +505,15 @@ def main(args):
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             bar.set_postfix(reward=round(row["reward"], 4), ratio_dev=f"{row['ratio_dev']:.1e}")
-        if done == args.max_steps or done % args.save_every == 0:
+        if world > 1:
+            flag = torch.tensor(float(stop["requested"]), device=device)
+            dist.all_reduce(flag)
+            stop["requested"] = bool(flag > 0)
+        if done == args.max_steps or done % args.save_every == 0 or stop["requested"]:
             checkpoint_now(done)
+        if stop["requested"]:
+            print0(f"SIGTERM: checkpoint written at step {done}, exiting", rank=rank)
+            break
     bar.close()
     if dist.is_initialized():
         dist.destroy_process_group()
