@@ -56,6 +56,14 @@ def load_pipeline(path, dtype=torch.float32, device="cpu"):
     return pipe.to(device)
 
 
+def default_sequence_length(pipe):
+    """The T5 length to encode prompts with when nothing says otherwise: the pipeline default (256), or less when
+    the T5 tokenizer's model_max_length is less (the toy pipeline records its training length, 16, there: the
+    length changes the embeddings, so a pipeline must be sampled with the length it learnt)."""
+    tokenizer = getattr(pipe, "tokenizer_3", None)
+    return min(256, tokenizer.model_max_length) if tokenizer is not None else 256
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts, max_sequence_length=256):
     """SD3 prompt embeddings: CLIP-L + CLIP-G penultimate states zero-padded to the T5 width, then T5 tokens.

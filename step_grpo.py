@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import UserError, read_prompts
-from model import LORA_TARGETS, decode_latents, load_drm, load_pipeline, sde_step
+from model import LORA_TARGETS, decode_latents, default_sequence_length, load_drm, load_pipeline, sde_step
 from reward_train import print0, setup_distributed
 from step_sample import sde_candidates, velocity
 
@@ -356,14 +356,6 @@ def load_prompt_sets(args, world):
     return prompts, eval_prompts[:args.eval_num or None]
 
 
-def toy_length(path):
-    """The default T5 length without a DRM: the toy pipeline's training length (16), else 256. The length changes
-    the embeddings (padding tokens are attended), so a pipeline must be sampled with the length it learnt."""
-    from toy.build import MAX_SEQUENCE_LENGTH
-    toy_pipeline = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy", "assets", "pipeline")
-    return MAX_SEQUENCE_LENGTH if os.path.realpath(path) == os.path.realpath(toy_pipeline) else 256
-
-
 def is_toy(prompts):
     from toy.world import parse_prompt
     try:
@@ -395,7 +387,7 @@ def main(args):
         if part is not None:
             part.requires_grad_(False)
     drm, config = load_drm(args.drm, transformer) if args.drm else (None, {})
-    length = args.max_sequence_length or config.get("max_sequence_length", toy_length(args.model))
+    length = args.max_sequence_length or config.get("max_sequence_length", default_sequence_length(pipe))
     multiple = pipe.vae_scale_factor * transformer.config.patch_size
     default_size = pipe.default_sample_size * pipe.vae_scale_factor
     height, width = args.height or default_size, args.width or default_size

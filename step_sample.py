@@ -25,8 +25,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import UserError, read_prompts
-from model import (decode_latents, encode_prompts, load_drm, load_pipeline, score_images, sde_step,
-                   transformer_suffix)
+from model import (decode_latents, default_sequence_length, encode_prompts, load_drm, load_pipeline,
+                   score_images, sde_step, transformer_suffix)
 
 
 def parse_args(argv=None):
@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--best-of-n", type=int, default=0, help="baseline: N plain trajectories, keep the DRM's best")
     p.add_argument("--height", type=int, default=0, help="image height (0: the pipeline's default size)")
     p.add_argument("--width", type=int, default=0, help="image width (0: the pipeline's default size)")
-    p.add_argument("--max-sequence-length", type=int, default=0, help="T5 tokens (0: the DRM's, else 256)")
+    p.add_argument("--max-sequence-length", type=int, default=0, help="T5 tokens (0: the DRM's, else the "
+                                                                      "pipeline's, at most 256)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     p.add_argument("--no-reuse", action="store_true", help="do not reuse the DRM's prefix activations")
     p.add_argument("--grid", action="store_true", help="also write grid.png: k=1 vs k on the same seeds")
@@ -183,7 +184,7 @@ def main(args):
     if height % multiple or width % multiple:
         raise UserError(f"--height {height} / --width {width} must be divisible by {multiple} for {args.model}")
     drm, config = load_drm(args.drm, pipe.transformer) if args.drm else (None, {})
-    length = args.max_sequence_length or config.get("max_sequence_length", 256)
+    length = args.max_sequence_length or config.get("max_sequence_length", default_sequence_length(pipe))
     branch = tuple(int(v) for v in args.branch_steps.split(":")) if args.branch_steps else None
     os.makedirs(args.out, exist_ok=True)
 

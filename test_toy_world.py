@@ -250,6 +250,8 @@ def test_shipped_pipeline_loads_in_diffusers_and_generates(seed):
     config = pipe.transformer.config
     assert config.qk_norm == "rms_norm" and len(config.dual_attention_layers) > 0
     assert pipe.vae.config.latent_channels == 16
+    import model
+    assert model.default_sequence_length(pipe) == 16  # the T5 length it was trained with, recorded in the folder
     held_out = world.split_prompts()[1]
     prompts = [held_out[i] for i in np.random.default_rng(seed).integers(len(held_out), size=16)]
     images = pipe(prompt=prompts, num_inference_steps=10, guidance_scale=4.5, height=64, width=64,

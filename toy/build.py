@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,  # noqa: E402
+                       StableDiffusion3Pipeline)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel  # noqa: E402
 
 from tiny_pipeline import tiny_tokenizers  # noqa: E402
@@ -113,6 +114,7 @@ def new_pipeline(seed):
     torch.manual_seed(seed)
     words = sorted({w for p in world.all_prompts() for w in p.split()})
     clip_tok, t5_tok = tiny_tokenizers(words)
+    t5_tok.model_max_length = MAX_SEQUENCE_LENGTH  # recorded in the pipeline: samplers default to it
 
     def clip_encoder(width):
         return CLIPTextModelWithProjection(CLIPTextConfig(
