@@ -60,6 +60,8 @@ class Args:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: --epochs)"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop (evaluate, save) once training has run this "
+                                                              "long (0: no limit), e.g. a job's time limit"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute prefix blocks in backward"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the DRM"})
@@ -116,11 +118,13 @@ def batch_indices(step, micro, rank, world, batch_size, grad_accum, num_pairs, s
     """Pair indices of one micro-batch: a fresh permutation each epoch, rank-strided. The data position is the
     step itself, so resuming needs no sampler state."""
     start = ((step * grad_accum + micro) * world + rank) * batch_size
-    indices = []
-    for position in range(start, start + batch_size):
+    indices, position = [], start
+    while position < start + batch_size:  # one permutation per epoch the batch touches (two at a boundary)
         epoch, offset = divmod(position, num_pairs)
+        take = min(start + batch_size - position, num_pairs - offset)
         order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        indices.append(int(order[offset]))
+        indices += order[offset:offset + take].tolist()
+        position += take
     return indices
 
 
@@ -332,6 +336,7 @@ def main(args):
             save_drm(drm, os.path.join(args.out, "drm.safetensors"), args.model, args.max_sequence_length)
 
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=rank != 0)
+    t_start = time.time()
     for step in bar:
         t0 = time.time()
         loss_sum, correct = 0.0, 0
@@ -361,9 +366,15 @@ def main(args):
 
         # 5. Log, evaluate, checkpoint.
         done = step + 1
+        out_of_time = args.max_minutes > 0 and time.time() - t_start > 60 * args.max_minutes
+        if world > 1:  # rank 0's clock decides, so that every rank stops at the same step
+            flag = torch.tensor(float(out_of_time), device=device)
+            dist.broadcast(flag, 0)
+            out_of_time = bool(flag > 0)
+        last = done == total_steps or out_of_time
         row = dict(step=done, loss=round(loss_sum, 5), train_acc=round(correct / (n * args.grad_accum), 4),
                    grad_norm=round(float(grad_norm), 4), pairs_per_s=round(pairs_per_step / (time.time() - t0), 3))
-        if test_set is not None and (done == total_steps or (args.eval_every and done % args.eval_every == 0)):
+        if test_set is not None and (last or (args.eval_every and done % args.eval_every == 0)):
             row["eval"] = evaluate(drm, pipe, test_set, sigmas_eval, args, rank, world, device, dtype)
             print0(f"step {done} held-out accuracy: {row['eval']}", rank=rank)
         if metrics:
@@ -374,10 +385,13 @@ def main(args):
             flag = torch.tensor(float(stop["requested"]), device=device)
             dist.all_reduce(flag)
             stop["requested"] = bool(flag > 0)
-        if done == total_steps or done % args.save_every == 0 or stop["requested"]:
+        if last or done % args.save_every == 0 or stop["requested"]:
             checkpoint_now(done)
         if stop["requested"]:
             print0(f"SIGTERM: checkpoint written at step {done}, exiting", rank=rank)
+            break
+        if out_of_time:
+            print0(f"--max-minutes {args.max_minutes}: stopped at step {done} of {total_steps}", rank=rank)
             break
     bar.close()
     if dist.is_initialized():

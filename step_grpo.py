@@ -490,6 +490,8 @@ def main(args):
         row = dict(step=done, reward=totals[0].item(), reward_chosen=totals[1].item(), loss=totals[2].item(),
                    kl=totals[3].item(), ratio_dev=totals[4].item(), clip_frac=totals[5].item(),
                    grad_norm=float(grad_norm), seconds=round(seconds, 3), device_seconds=round(device_seconds, 2))
+        if device.type == "cuda":
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
         if eval_prompts and (done == args.max_steps or (args.eval_every and done % args.eval_every == 0)):
             row.update(evaluate(eval_prompts, ctx, rank, world))
             print0(f"step {done} eval: {({k: v for k, v in row.items() if k.startswith('eval')})}", rank=rank)

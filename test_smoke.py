@@ -731,6 +731,20 @@ def test_train_sigterm_writes_checkpoint(tiny_dir, pair_files, tmp_path):
     assert rc != 0 and "error:" in log and "--backbone frozen" in log, log[-3000:]
 
 
+def test_train_max_minutes_stops_evaluates_and_saves(tiny_dir, pair_files, tmp_path):
+    out = tmp_path / "out"
+    command = train_command(tiny_dir, pair_files, out, "--backbone", "frozen", "--max-steps", "10000",
+                            "--save-every", "10000", "--eval-every", "0", "--max-minutes", "0.0001")
+    rc, log = run(command, tmp_path / "log.txt")
+    assert rc == 0, log[-3000:]
+    rows = read_metrics(out)
+    step = rows[-1]["step"]
+    assert 1 <= step < 10000 and f"--max-minutes 0.0001: stopped at step {step} of 10000" in log
+    assert "eval" in rows[-1]  # the last step is evaluated as the end of training
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == step
+    assert (out / "drm.safetensors").exists()
+
+
 BAD_INPUTS = {
     "missing model folder": (lambda t: ["--model", str(t / "no_model")], "no_model"),
     "missing train data": (lambda t: ["--train-data", str(t / "absent.json")], "absent.json"),

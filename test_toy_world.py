@@ -260,3 +260,42 @@ def test_shipped_pipeline_loads_in_diffusers_and_generates(seed):
     pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
     assert pixels.std() > 20  # not a blank or constant image
     assert world.score(pixels, prompts).max() > 0.3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The build's cross-prompt pairs
+
+def test_neighbours_differ_in_exactly_one_word(seed):
+    from toy.build import neighbours
+    rng = np.random.default_rng(seed)
+    prompts = [world.all_prompts()[i] for i in rng.choice(len(world.all_prompts()), 300, replace=False)]
+    near = neighbours(prompts)
+    for i in rng.choice(len(prompts), 40, replace=False):
+        a = prompts[i].split()
+        expected = [j for j, q in enumerate(prompts) if len(q.split()) == len(a)
+                    and sum(x != y for x, y in zip(a, q.split())) == 1]
+        assert near[i] == expected and i not in near[i]
+
+
+def test_cross_pairs_rank_by_the_oracle_under_the_pairs_prompt(seed):
+    from toy.build import cross_pairs
+    rng = np.random.default_rng(seed)
+    unique = world.split_prompts()[0][:60]
+    per_prompt = 2
+    prompts = [p for p in unique for _ in range(per_prompt)]
+    images = np.stack([world.render(p, rng) for p in prompts])
+    scores = world.score(images, prompts)
+    paths = [f"images/train/{i:06d}.png" for i in range(len(prompts))]
+    records = cross_pairs(prompts, paths, images, scores, per_prompt, 3, rng)
+    assert records and all(r["kind"] == "cross" for r in records)
+    index = {p: i for i, p in enumerate(paths)}
+    for r in records:
+        win, lose = index[r["path1"]], index[r["path2"]]
+        own = [i for i in (win, lose) if prompts[i] == r["prompt"]]
+        assert len(own) == 1  # one own sample, one borrowed from another prompt
+        borrowed = lose if own[0] == win else win
+        assert len(prompts[borrowed].split()) == len(r["prompt"].split())
+        under = world.score(images[[win, lose]], [r["prompt"]] * 2)  # both re-scored under the pair's prompt
+        assert under[0] > under[1] and abs(r["oracle1"] - under[0]) < 1e-3 and abs(r["oracle2"] - under[1]) < 1e-3
+    # Clean renders of a neighbour prompt lose under this prompt: the pairs teach whether an image fits its prompt.
+    assert np.mean([prompts[index[r["path1"]]] == r["prompt"] for r in records]) > 0.9

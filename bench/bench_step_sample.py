@@ -61,7 +61,7 @@ def time_config(pipe, drm, batch, k, reuse, args, size):
     kw = dict(k=k, steps=args.steps, guidance=4.5, noise_level=0.7, height=size, width=size,
               max_sequence_length=args.t5_tokens, reuse=reuse)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    step_sample.step_sample(pipe, drm, prompts, seeds, **kw)  # warm-up
+    step_sample.step_sample(pipe, drm, prompts, seeds, **(kw | dict(steps=2)))  # warm-up (same shapes)
     sync()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -83,6 +83,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
     p.add_argument("--batches", default="1,8", help="batch sizes")
     p.add_argument("--ks", default="1,2,4,6", help="candidate counts")
+    p.add_argument("--no-reuse-ks", default="2,4,6", help="k values also timed with the prefix reuse off")
     p.add_argument("--t5-tokens", type=int, default=256, help="T5 tokens (text = 77 + this)")
     p.add_argument("--out", default="bench/results/step_sample.json", help="JSON output")
     args = p.parse_args()
@@ -97,7 +98,8 @@ def main():
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         for k in (int(v) for v in args.ks.split(",")):
-            for reuse in ((False,) if k == 1 else (False, True)):
+            no_reuse = {int(v) for v in args.no_reuse_ks.split(",") if v}
+            for reuse in ((False,) if k == 1 else (False, True) if k in no_reuse else (True,)):
                 rows.append(time_config(pipe, drm, batch, k, reuse, args, size))
                 base = next(r for r in rows if r["batch"] == batch and r["k"] == 1)
                 rows[-1]["ratio_to_k1"] = round(rows[-1]["median_s_per_image"] / base["median_s_per_image"], 3)

@@ -63,9 +63,14 @@ def parse_args(argv=None):
     p.add_argument("--samples-per-prompt", type=int, default=4, help="base samples per prompt for the pairs")
     p.add_argument("--sample-steps", type=int, default=20, help="denoising steps for the preference samples")
     p.add_argument("--guidance", type=float, default=4.5, help="CFG scale for the preference samples")
+    p.add_argument("--cross-pairs", type=int, default=0, help="per train prompt: extra pairs of one of its "
+                   "samples against a sample of a neighbour prompt (one word changed), both scored under it")
     p.add_argument("--drm-steps", type=int, default=1000, help="DRM training steps (reward_train.py)")
-    p.add_argument("--drm-modes", default="frozen", help="backbone modes to train, comma-separated (compare)")
-    p.add_argument("--drm-lr", type=float, default=1e-4, help="DRM learning rate (reward_train.py --lr)")
+    p.add_argument("--drm-modes", default="frozen", help="DRMs to train, comma-separated MODE or MODE@PAIRS "
+                   "(PAIRS: train or train_cross, the pairs file under prefs/); the first is shipped")
+    p.add_argument("--drm-lr", default="1e-4", help="DRM learning rate(s): one, or one per --drm-modes entry")
+    p.add_argument("--drm-parallel", action="store_true", help="train the --drm-modes DRMs at the same time "
+                   "(one GPU fits several toy DRMs)")
     p.add_argument("--drm-args", default="", help="extra reward_train.py flags, e.g. '--backbone full'")
     p.add_argument("--stages", default="data,vae,transformer,pairs,drm,assets", help="which stages to run")
     args = p.parse_args(argv)
@@ -276,6 +281,45 @@ def write_pairs(folder, name, prompts, images, scores, per_prompt):
                                     oracle1=round(float(scores[win]), 4), oracle2=round(float(scores[lose]), 4)))
     with open(os.path.join(folder, f"{name}.json"), "w") as f:
         json.dump(records, f)
+    return records, paths
+
+
+def neighbours(prompts):
+    """For each prompt, the indices of the prompts that differ from it in exactly one word."""
+    words = [p.split() for p in prompts]
+    by_len = {}
+    for i, w in enumerate(words):
+        by_len.setdefault(len(w), []).append(i)
+    out = []
+    for w in words:
+        out.append([j for j in by_len[len(w)] if sum(a != b for a, b in zip(w, words[j])) == 1])
+    return out
+
+
+def cross_pairs(prompts, paths, images, scores, per_prompt, count, rng):
+    """`count` pairs per prompt: one of its own samples against a sample drawn for a neighbour prompt (one word
+    changed: a colour, shape, position or relation), the borrowed sample scored by the oracle under THIS prompt.
+    Both images are base samples; the pairs teach whether an image fits its prompt."""
+    unique = prompts[::per_prompt]
+    near = neighbours(unique)
+    own, borrowed, prompt_of = [], [], []
+    for u, p in enumerate(unique):
+        if not near[u]:
+            continue
+        for _ in range(count):
+            own.append(u * per_prompt + int(rng.integers(per_prompt)))
+            borrowed.append(int(rng.choice(near[u])) * per_prompt + int(rng.integers(per_prompt)))
+            prompt_of.append(p)
+    if not own:
+        return []
+    cross = world.score(images[borrowed], prompt_of)
+    records = []
+    for a, b, p, sb in zip(own, borrowed, prompt_of, cross):
+        if scores[a] == sb:
+            continue
+        (win, sw), (lose, sl) = sorted([(a, scores[a]), (b, sb)], key=lambda x: -x[1])
+        records.append(dict(prompt=p, path1=paths[win], path2=paths[lose], confidence=round(confidence(sw - sl), 4),
+                            oracle1=round(float(sw), 4), oracle2=round(float(sl), 4), kind="cross"))
     return records
 
 
@@ -284,6 +328,24 @@ def summary(scores):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def drm_name(entry):
+    mode, _, pairs = entry.partition("@")
+    return f"drm_{mode}" + (f"_{pairs}" if pairs and pairs != "train" else "")
+
+
+def _finish_drm(job, report):
+    name, out, t0, process = job
+    if process.wait() != 0:
+        raise SystemExit(f"{name}: reward_train.py failed (exit {process.returncode}); see {out}.log")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        last_eval = [r for r in map(json.loads, f) if "eval" in r][-1]
+    report[name] = dict(seconds=round(time.time() - t0, 1), step=last_eval["step"], **last_eval["eval"])
+    print(f"5. {name}: {report[name]}", flush=True)
+
 
 def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -327,9 +389,16 @@ def main(args):
             prompts = [p for p in plist for _ in range(args.samples_per_prompt)]
             images = sample(pipe, prompts, seed * 100_000, args.sample_steps, args.guidance)
             scores = world.score(images, prompts)
-            records = write_pairs(prefs, name, prompts, images, scores, args.samples_per_prompt)
+            records, paths = write_pairs(prefs, name, prompts, images, scores, args.samples_per_prompt)
             report[f"samples_{name}"] = summary(scores) | dict(
                 pairs=len(records), pairs_conf95=sum(r["confidence"] >= 0.95 for r in records))
+            if name == "train" and args.cross_pairs:  # held-out pairs stay own-prompt pairs only
+                cross = cross_pairs(prompts, paths, images, scores, args.samples_per_prompt, args.cross_pairs,
+                                    np.random.default_rng(args.seed))
+                with open(os.path.join(prefs, "train_cross.json"), "w") as f:
+                    json.dump(records + cross, f)
+                report["samples_train"].update(cross_pairs=len(cross),
+                                               cross_conf95=sum(r["confidence"] >= 0.95 for r in cross))
             print(f"4. {name} samples: {report[f'samples_{name}']}", flush=True)
         report["pairs_seconds"] = round(time.time() - t0, 1)
 
@@ -338,25 +407,34 @@ def main(args):
         with open(os.path.join(prefs, "train.json")) as f:
             if not json.load(f):
                 raise SystemExit("no training pairs: the generator gives no score differences (--quick?)")
-        for mode in args.drm_modes.split(","):
-            # The same data, steps and flags for every backbone mode; the first mode's DRM is the shipped one.
-            t0, out = time.time(), os.path.join(args.out, f"drm_{mode}")
+        entries = args.drm_modes.split(",")
+        lrs = args.drm_lr.split(",")
+        if len(lrs) not in (1, len(entries)):
+            raise SystemExit(f"--drm-lr: give one learning rate or one per --drm-modes entry ({len(entries)})")
+        jobs = []
+        for i, entry in enumerate(entries):
+            # The same steps and flags for every DRM; the first entry's DRM is the shipped one.
+            mode, _, pairs = entry.partition("@")
+            name = drm_name(entry)
+            out = os.path.join(args.out, name)
             command = [sys.executable, "reward_train.py", "--model", pipeline_dir, "--backbone", mode,
-                       "--train-data", os.path.join(prefs, "train.json"), "--test-data",
+                       "--train-data", os.path.join(prefs, f"{pairs or 'train'}.json"), "--test-data",
                        os.path.join(prefs, "test.json"), "--resolution", "64", "--max-sequence-length",
-                       str(MAX_SEQUENCE_LENGTH), "--skip-last-blocks", "1", "--lr", str(args.drm_lr),
+                       str(MAX_SEQUENCE_LENGTH), "--skip-last-blocks", "1", "--lr", lrs[i % len(lrs)],
                        "--batch-size", "64",
                        "--max-steps", str(args.drm_steps), "--eval-every", str(max(args.drm_steps // 3, 1)),
                        "--save-every", str(args.drm_steps), "--num-workers", "4", "--seed", str(args.seed),
                        "--eval-pairs", "500",
                        "--out", out, *args.drm_args.split()]
             print("5. " + " ".join(command), flush=True)
-            subprocess.run(command, check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            with open(os.path.join(out, "metrics.jsonl")) as f:
-                last_eval = [r for r in map(json.loads, f) if "eval" in r][-1]
-            report[f"drm_{mode}"] = dict(seconds=round(time.time() - t0, 1), step=last_eval["step"],
-                                        **last_eval["eval"])
-            print(f"5. drm {mode}: {report[f'drm_{mode}']}", flush=True)
+            log = open(os.path.join(args.out, f"{name}.log"), "w") if args.drm_parallel else None
+            jobs.append((name, out, time.time(), subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                                  cwd=ROOT)))
+            if not args.drm_parallel:
+                _finish_drm(jobs[-1], report)
+        if args.drm_parallel:
+            for job in jobs:
+                _finish_drm(job, report)
 
     report["seconds"], report["args"] = round(time.time() - t_start, 1), vars(args)
     with open(os.path.join(args.out, "build.json"), "w") as f:
@@ -370,7 +448,7 @@ def main(args):
         assets = os.path.join(args.out, "assets")
         shutil.rmtree(assets, ignore_errors=True)
         shutil.copytree(pipeline_dir, os.path.join(assets, "pipeline"))
-        source = os.path.join(args.out, f"drm_{args.drm_modes.split(',')[0]}", "drm.safetensors")
+        source = os.path.join(args.out, drm_name(args.drm_modes.split(",")[0]), "drm.safetensors")
         with safe_open(source, framework="pt") as f:
             tensors = {k: f.get_tensor(k).half() for k in f.keys()}
             metadata = f.metadata()
