@@ -299,3 +299,14 @@ def test_cross_pairs_rank_by_the_oracle_under_the_pairs_prompt(seed):
         assert under[0] > under[1] and abs(r["oracle1"] - under[0]) < 1e-3 and abs(r["oracle2"] - under[1]) < 1e-3
     # Clean renders of a neighbour prompt lose under this prompt: the pairs teach whether an image fits its prompt.
     assert np.mean([prompts[index[r["path1"]]] == r["prompt"] for r in records]) > 0.9
+
+
+def test_deciding_term_is_the_factor_that_differs(seed):
+    from toy.evaluate import TERMS, deciding_terms
+    rng = np.random.default_rng(seed)
+    n = 50
+    terms = {k: rng.uniform(0.8, 1.0, 2 * n) for k in TERMS}
+    truth = rng.choice(TERMS, n)
+    for i, term in enumerate(truth):  # the loser (n + i) is much worse in exactly one factor
+        terms[term][n + i] = rng.uniform(0.0, 0.3)
+    assert list(deciding_terms(terms, np.arange(n), np.arange(n, 2 * n))) == list(truth)

@@ -69,8 +69,6 @@ def parse_args(argv=None):
     p.add_argument("--drm-modes", default="frozen", help="DRMs to train, comma-separated MODE or MODE@PAIRS "
                    "(PAIRS: train or train_cross, the pairs file under prefs/); the first is shipped")
     p.add_argument("--drm-lr", default="1e-4", help="DRM learning rate(s): one, or one per --drm-modes entry")
-    p.add_argument("--drm-parallel", action="store_true", help="train the --drm-modes DRMs at the same time "
-                   "(one GPU fits several toy DRMs)")
     p.add_argument("--drm-args", default="", help="extra reward_train.py flags, e.g. '--backbone full'")
     p.add_argument("--stages", default="data,vae,transformer,pairs,drm,assets", help="which stages to run")
     args = p.parse_args(argv)
@@ -340,7 +338,7 @@ def drm_name(entry):
 def _finish_drm(job, report):
     name, out, t0, process = job
     if process.wait() != 0:
-        raise SystemExit(f"{name}: reward_train.py failed (exit {process.returncode}); see {out}.log")
+        raise SystemExit(f"{name}: reward_train.py failed (exit {process.returncode})")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         last_eval = [r for r in map(json.loads, f) if "eval" in r][-1]
     report[name] = dict(seconds=round(time.time() - t0, 1), step=last_eval["step"], **last_eval["eval"])
@@ -411,7 +409,6 @@ def main(args):
         lrs = args.drm_lr.split(",")
         if len(lrs) not in (1, len(entries)):
             raise SystemExit(f"--drm-lr: give one learning rate or one per --drm-modes entry ({len(entries)})")
-        jobs = []
         for i, entry in enumerate(entries):
             # The same steps and flags for every DRM; the first entry's DRM is the shipped one.
             mode, _, pairs = entry.partition("@")
@@ -424,17 +421,11 @@ def main(args):
                        "--batch-size", "64",
                        "--max-steps", str(args.drm_steps), "--eval-every", str(max(args.drm_steps // 3, 1)),
                        "--save-every", str(args.drm_steps), "--num-workers", "4", "--seed", str(args.seed),
-                       "--eval-pairs", "500",
+                       "--eval-pairs", "500", "--eval-batch-size", "128",
                        "--out", out, *args.drm_args.split()]
             print("5. " + " ".join(command), flush=True)
-            log = open(os.path.join(args.out, f"{name}.log"), "w") if args.drm_parallel else None
-            jobs.append((name, out, time.time(), subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                                  cwd=ROOT)))
-            if not args.drm_parallel:
-                _finish_drm(jobs[-1], report)
-        if args.drm_parallel:
-            for job in jobs:
-                _finish_drm(job, report)
+            # One at a time: DRMs trained side by side on one GPU ran ~20x slower (the processes time-share it).
+            _finish_drm((name, out, time.time(), subprocess.Popen(command, cwd=ROOT)), report)
 
     report["seconds"], report["args"] = round(time.time() - t_start, 1), vars(args)
     with open(os.path.join(args.out, "build.json"), "w") as f:

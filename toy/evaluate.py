@@ -3,6 +3,8 @@
 1. Pairwise accuracy (winner = higher oracle) at sigma = 0 (clean, t = 0) and 0.25, 0.5, 0.75, 0.9 (both images
    noised independently to sigma, fixed noise), with the number of pairs and a 95% Wilson interval; for all pairs
    and for confident ones (oracle gap >= 0.15, confidence >= 0.95: the pairs the DRM was trained on).
+   Confident pairs are also split by the oracle term that decided them (the factor whose log differs most), with
+   the clean accuracy on each: which checks the DRM has learned.
 2. Spearman correlation between the clean DRM score and the oracle over the base samples, with a 95% interval
    (Fisher z).
 3. A contact sheet: samples of a few held-out prompts, each labelled with its oracle and DRM scores.
@@ -27,6 +29,7 @@ from toy import world  # noqa: E402
 from toy.build import MAX_SEQUENCE_LENGTH  # noqa: E402
 
 SIGMAS = (0.0, 0.25, 0.5, 0.75, 0.9)
+TERMS = ("presence", "shape", "purity", "placement", "sharpness", "background")  # the oracle's factors
 
 
 def wilson(correct, n, z=1.96):
@@ -37,6 +40,12 @@ def wilson(correct, n, z=1.96):
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (round(centre - half, 4), round(centre + half, 4))
+
+
+def deciding_terms(terms, win, lose, names=TERMS):
+    """Per pair, the oracle term whose log differs most between winner and loser: what decided the pair."""
+    logs = np.log(np.stack([terms[k] for k in names]) + 1e-3)  # (K, N images)
+    return np.array(names)[np.abs(logs[:, win] - logs[:, lose]).argmax(0)]
 
 
 def spearman(a, b):
@@ -122,6 +131,17 @@ def main(argv=None):
             acc_confident=round(float(right[confident].mean()), 4), n_confident=int(confident.sum()),
             ci95_confident=wilson(int(right[confident].sum()), int(confident.sum())))
         print(f"sigma {sigma:g}: {results[f'sigma={sigma:g}']}", flush=True)
+    # What decided each confident pair, and the clean DRM's accuracy on each kind: which checks it has learned.
+    decided = deciding_terms(world.score_terms(images, prompts), win, lose)
+    right = clean[win] > clean[lose]
+    results["by_deciding_term"] = {}
+    for term in TERMS:
+        mask = confident & (decided == term)
+        if mask.any():
+            results["by_deciding_term"][term] = dict(
+                n=int(mask.sum()), share=round(float(mask.sum() / confident.sum()), 4),
+                acc=round(float(right[mask].mean()), 4), ci95=wilson(int(right[mask].sum()), int(mask.sum())))
+    print(f"confident pairs by deciding oracle term (sigma 0): {results['by_deciding_term']}", flush=True)
     rho, ci = spearman(clean, oracle)
     results["spearman"] = dict(rho=rho, ci95=ci, n=len(oracle))
     results["oracle_base"] = dict(mean=round(float(oracle.mean()), 4), std=round(float(oracle.std()), 4))
