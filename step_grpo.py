@@ -17,7 +17,9 @@ Departures from the paper / Flow-GRPO:
 - --continue defaults to best, untested against random (the paper does not say; measure before trusting it).
 - No micro-batching: each step's policy forward sees all of the rank's latents at that step, as the rollout did,
   so the kernels and hence the log-probs match (ratio 1 at the first inner epoch). Use fewer prompts per rank.
-- One optimizer step per inner epoch, gradients accumulated over the T recorded steps. No EMA, no PNG plot here.
+- One optimizer step per inner epoch, gradients accumulated over the T recorded steps. No EMA.
+- At each evaluation, OUT/reward.png plots the evaluation rewards against step and device-seconds (plot.py; it
+  also overlays several runs' metrics.jsonl).
 
     python step_grpo.py --drm runs/toy/drm_frozen/drm.safetensors --out runs/step_grpo
     python step_grpo.py --reward oracle --mode grpo --out runs/grpo_oracle
@@ -39,6 +41,7 @@ from tqdm import tqdm
 
 from data import UserError, read_prompts
 from model import LORA_TARGETS, decode_latents, default_sequence_length, load_drm, load_pipeline, sde_step
+from plot import plot_runs, read_metrics
 from reward_train import print0, setup_distributed
 from step_sample import sde_candidates, velocity
 
@@ -73,6 +76,8 @@ class Args:
                                                                 "(a multiple of the number of ranks)"})
     inner_epochs: int = field(default=1, metadata={"help": "updates on each rollout batch"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps (rollout + update) to run"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop (evaluate, save) once training has run this "
+                                                              "long (0: no limit): runs compared at equal wall time"})
     eval_every: int = field(default=25, metadata={"help": "evaluate every N steps (and at the end); 0: end only"})
     save_every: int = field(default=25, metadata={"help": "checkpoint every N steps (and at the end)"})
     out: str = field(default="runs/step_grpo", metadata={"help": "output folder: checkpoint.pt, lora/, "
@@ -437,6 +442,8 @@ def main(args):
     elif args.resume == "latest":
         print0(f"--resume latest: no {checkpoint_path} yet, starting fresh", rank=rank)
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
+    history = [r for r in read_metrics(os.path.join(args.out, "metrics.jsonl")) if "eval_prompts" in r] \
+        if rank == 0 and start_step else []  # earlier evaluations of a resumed run, for the plot
 
     def checkpoint_now(step):
         states = [dict(torch=torch.get_rng_state(), noise=generator.get_state())]
@@ -453,7 +460,7 @@ def main(args):
 
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, then exit
-    device_seconds = 0.0
+    device_seconds, t_start = 0.0, time.time()
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=rank != 0)
     for step in bar:
         t0 = time.time()
@@ -492,21 +499,35 @@ def main(args):
                    grad_norm=float(grad_norm), seconds=round(seconds, 3), device_seconds=round(device_seconds, 2))
         if device.type == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-        if eval_prompts and (done == args.max_steps or (args.eval_every and done % args.eval_every == 0)):
+        out_of_time = args.max_minutes > 0 and time.time() - t_start > 60 * args.max_minutes
+        if world > 1:  # rank 0's clock decides, so that every rank stops at the same step
+            flag = torch.tensor(float(out_of_time), device=device)
+            dist.broadcast(flag, 0)
+            out_of_time = bool(flag > 0)
+        last = done == args.max_steps or out_of_time
+        evaluated = eval_prompts and (last or (args.eval_every and done % args.eval_every == 0))
+        if evaluated:
             row.update(evaluate(eval_prompts, ctx, rank, world))
             print0(f"step {done} eval: {({k: v for k, v in row.items() if k.startswith('eval')})}", rank=rank)
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+            if evaluated:
+                history.append(row)
+                plot_runs([(f"{args.mode} (reward {args.reward})", history)], "eval_oracle" if ctx["toy"]
+                          else "eval_drm", os.path.join(args.out, "reward.png"))
             bar.set_postfix(reward=round(row["reward"], 4), ratio_dev=f"{row['ratio_dev']:.1e}")
         if world > 1:
             flag = torch.tensor(float(stop["requested"]), device=device)
             dist.all_reduce(flag)
             stop["requested"] = bool(flag > 0)
-        if done == args.max_steps or done % args.save_every == 0 or stop["requested"]:
+        if last or done % args.save_every == 0 or stop["requested"]:
             checkpoint_now(done)
         if stop["requested"]:
             print0(f"SIGTERM: checkpoint written at step {done}, exiting", rank=rank)
+            break
+        if out_of_time:
+            print0(f"--max-minutes {args.max_minutes}: stopped at step {done} of {args.max_steps}", rank=rank)
             break
     bar.close()
     if dist.is_initialized():

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 import model
@@ -169,6 +170,40 @@ def test_step_mode_run_is_on_policy_and_trains(step_run, tiny_dir):
     loaded.load_lora_weights(os.path.join(step_run, "lora"))
     torch.testing.assert_close(transformer_output(loaded.transformer), transformer_output(pipe.transformer))
     assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 1
+    with Image.open(os.path.join(step_run, "reward.png")) as png:  # the plot of the evaluations, refreshed at each
+        assert png.format == "PNG" and png.size[0] > 400
+
+
+def test_max_minutes_stops_evaluates_and_saves(tiny_dir, drm_file, tmp_path):
+    out = str(tmp_path / "timed")
+    result = run(["--model", tiny_dir, "--drm", drm_file, "--mode", "step", "--k", "2", "--max-steps", "1000",
+                  "--eval-every", "0", "--save-every", "1000", "--max-minutes", "0.0001", "--out", out, *RUN])
+    rows = metrics(out)
+    assert len(rows) == 1 and "eval_drm" in rows[0]  # stopped after its first step, evaluated as the last one
+    assert "--max-minutes 0.0001: stopped at step 1 of 1000" in result.stderr + result.stdout
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"] == 1
+
+
+def test_plot_draws_each_run_where_its_values_are(tmp_path):
+    import numpy as np
+    from plot import COLOURS, plot_runs
+    rng = np.random.default_rng()
+    low = [dict(step=s, device_seconds=2.0 * s, eval_oracle=float(v)) for s, v in
+           enumerate(rng.uniform(0.0, 0.3, 6), 1)]
+    high = [dict(step=s, device_seconds=3.0 * s, eval_oracle=float(v)) for s, v in
+            enumerate(rng.uniform(0.7, 1.0, 6), 1)]
+    path = str(tmp_path / "plot.png")
+    plot_runs([("low", low), ("high", high)], "eval_oracle", path)
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    panel = pixels[:330]  # above the legend
+
+    def rows_of(colour):
+        rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+        return np.nonzero((np.abs(panel - rgb).sum(-1) < 30))[0]
+
+    low_rows, high_rows = rows_of(COLOURS[0]), rows_of(COLOURS[1])
+    assert len(low_rows) > 50 and len(high_rows) > 50
+    assert high_rows.mean() < low_rows.mean() - 60  # higher values are drawn higher up
 
 
 def test_grpo_mode_with_oracle_cfg_and_kl(tiny_dir, tmp_path):
