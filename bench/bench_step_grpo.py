@@ -9,6 +9,7 @@ gradient checkpointing. The first iteration is a warm-up and is left out of the 
 
     python bench/bench_step_grpo.py --out bench/results/step_grpo.json                 # one GPU, ~4 min
     python bench/bench_step_grpo.py --gpus 1,2 --out bench/results/step_grpo_x2.json  # scaling on 2 GPUs
+    python bench/bench_step_grpo.py --gpus 1,8 --same-global-batch --iters 10 ...      # loss curves vs 1 GPU
 """
 import argparse
 import json
@@ -55,6 +56,12 @@ def prepare(work, t5_tokens, tiny):
     return pipeline_dir, drm_path
 
 
+def global_prompts(per_gpu, gpus, args):
+    """Prompts per iteration, all GPUs together: per_gpu each (weak scaling), or per_gpu in all (--same-global-batch,
+    so that the loss curves can be held against the one-GPU run's)."""
+    return per_gpu if args.same_global_batch else per_gpu * gpus
+
+
 def run(config, gpus, args, pipeline_dir, drm_path):
     out = os.path.join(args.work, f"{config['mode']}_g{gpus}")
     if os.path.isdir(out):
@@ -65,16 +72,17 @@ def run(config, gpus, args, pipeline_dir, drm_path):
     flags = ["--model", pipeline_dir, "--drm", drm_path, "--mode", config["mode"], "--k", "4", "--group", "4",
              "--prompts", os.path.join(args.work, "prompts.txt"), "--eval-prompts",
              os.path.join(args.work, "prompts.txt"), "--eval-num", "1", "--eval-steps", "2", "--eval-every", "0",
-             "--prompts-per-step", str(config["prompts"] * gpus), "--steps", "10", "--height", str(args.size),
-             "--width", str(args.size), "--max-steps", str(args.iters), "--save-every", "100000", "--gradient-checkpointing",
-             "--lora-rank", "32", "--lora-alpha", "64", "--seed", "0", "--out", out]
+             "--prompts-per-step", str(global_prompts(config["prompts"], gpus, args)), "--steps", "10",
+             "--height", str(args.size), "--width", str(args.size), "--max-steps", str(args.iters),
+             "--save-every", "100000", "--gradient-checkpointing", "--lora-rank", "32", "--lora-alpha", "64",
+             "--seed", "0", "--out", out]
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     subprocess.run(launcher + [os.path.join(ROOT, "step_grpo.py")] + flags, check=True, env=env, cwd=ROOT)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     seconds = [r["seconds"] for r in rows[1:]] or [rows[0]["seconds"]]
     median = statistics.median(seconds)
-    prompts = config["prompts"] * gpus
+    prompts = global_prompts(config["prompts"], gpus, args)
     finals = prompts * (1 if config["mode"] == "step" else 4)
     tflop = iteration_tflop(config["mode"], prompts, 4, 10)
     return dict(mode=config["mode"], gpus=gpus, prompts_per_iter=prompts, final_images_per_iter=finals,
@@ -90,6 +98,8 @@ def main():
     p.add_argument("--gpus", default="1", help="GPU counts to run, comma-separated (torchrun for > 1)")
     p.add_argument("--modes", default="step,grpo", help="modes")
     p.add_argument("--prompts", type=int, default=8, help="prompts per GPU per iteration")
+    p.add_argument("--same-global-batch", action="store_true", help="--prompts in all, split over the GPUs (for "
+                   "comparing loss curves with one GPU) instead of --prompts per GPU")
     p.add_argument("--iters", type=int, default=3, help="iterations per configuration (the first is warm-up)")
     p.add_argument("--t5-tokens", type=int, default=256, help="T5 tokens")
     p.add_argument("--work", default="runs/bench_step_grpo", help="scratch folder (the 4.5 GB pipeline)")
@@ -111,13 +121,15 @@ def main():
             base = next((r for r in rows if r["mode"] == mode and r["gpus"] == 1), None)
             if base:
                 rows[-1]["scaling"] = round(rows[-1]["images_per_s"] / base["images_per_s"], 3)
+                rows[-1]["efficiency"] = round(rows[-1]["scaling"] / gpus, 3)
             print({k: v for k, v in rows[-1].items() if k not in ("loss", "ratio_dev")}, flush=True)
     print(f"\n{'mode':>5} {'gpus':>4} {'s/iter':>8} {'min':>7} {'max':>7} {'img/s':>7} {'groups/s':>8} "
-          f"{'TFLOP/s/GPU':>11} {'GiB':>6} {'scaling':>7}")
+          f"{'TFLOP/s/GPU':>11} {'GiB':>6} {'scaling':>7} {'eff.':>5}")
     for r in rows:
         print(f"{r['mode']:>5} {r['gpus']:>4} {r['median_s_per_iter']:>8.3f} {r['min']:>7.3f} {r['max']:>7.3f} "
               f"{r['images_per_s']:>7.3f} {r['prompt_groups_per_s']:>8.3f} {r['tflops_per_gpu']:>11.1f} "
-              f"{r['peak_gib']:>6.1f} {r.get('scaling', float('nan')):>7.2f}")
+              f"{r['peak_gib']:>6.1f} {r.get('scaling', float('nan')):>7.2f} "
+              f"{r.get('efficiency', float('nan')):>5.2f}")
     meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", tiny=args.tiny, torch=torch.__version__, size=args.size, steps=10, k=4, group=4,
                 lora_rank=32, dtype="bf16", gradient_checkpointing=True, transformer="SD35_MEDIUM",
                 tflop_note="model FLOPs from ../shared/GPU.md constants: rollout + DRM prefixes + 4x forward update")
