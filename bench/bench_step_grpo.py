@@ -131,7 +131,8 @@ def main():
               f"{r['peak_gib']:>6.1f} {r.get('scaling', float('nan')):>7.2f} "
               f"{r.get('efficiency', float('nan')):>5.2f}")
     meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", tiny=args.tiny,
-                torch=torch.__version__, size=args.size, steps=10, k=4, group=4, lora_rank=32, dtype="bf16", gradient_checkpointing=True, transformer="SD35_MEDIUM",
+                torch=torch.__version__, size=args.size, steps=10, k=4, group=4, lora_rank=32, dtype="bf16",
+                gradient_checkpointing=True, transformer="SD35_MEDIUM",
                 tflop_note="model FLOPs from ../shared/GPU.md constants: rollout + DRM prefixes + 4x forward update")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

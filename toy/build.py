@@ -14,6 +14,8 @@ oracle as an HPDv3 preference set, and a DRM trained on that set by reward_train
 
     python -m toy.build --out runs/toy                     # ~9 min on one H200; CPU works (use --quick)
     python -m toy.build --out runs/toy --quick             # a few minutes on CPU: tiny budgets, for testing
+    python -m toy.build --out runs/toy --stages transformer,pairs --steps 3000 --transformer-lr 2e-4
+                                                           # train the saved pipeline's transformer further
 """
 import argparse
 import json
@@ -60,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="VAE batch size")
     p.add_argument("--transformer-batch-size", type=int, default=512, help="transformer batch size")
     p.add_argument("--transformer-lr", type=float, default=4e-4, help="transformer peak learning rate")
+    p.add_argument("--patch-size", type=int, default=2, choices=(1, 2), help="transformer patch size of a new "
+                   "pipeline (1: 16 x 16 tokens, ~4x the cost)")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="base samples per prompt for the pairs")
     p.add_argument("--sample-steps", type=int, default=20, help="denoising steps for the preference samples")
     p.add_argument("--guidance", type=float, default=4.5, help="CFG scale for the preference samples")
@@ -70,7 +74,8 @@ def parse_args(argv=None):
                    "(PAIRS: train or train_cross, the pairs file under prefs/); the first is shipped")
     p.add_argument("--drm-lr", default="1e-4", help="DRM learning rate(s): one, or one per --drm-modes entry")
     p.add_argument("--drm-args", default="", help="extra reward_train.py flags, e.g. '--backbone full'")
-    p.add_argument("--stages", default="data,vae,transformer,pairs,drm,assets", help="which stages to run")
+    p.add_argument("--stages", default="data,vae,transformer,pairs,drm,assets", help="which stages to run; "
+                   "transformer without vae continues the saved pipeline's transformer")
     args = p.parse_args(argv)
     if args.quick:
         args.num_images, args.vae_steps, args.steps, args.batch_size = 512, 30, 30, 32
@@ -113,7 +118,7 @@ def to_pixels(images):
 # ----------------------------------------------------------------------------------------------------------------
 # 2-3. The pipeline
 
-def new_pipeline(seed):
+def new_pipeline(seed, patch_size=2):
     torch.manual_seed(seed)
     words = sorted({w for p in world.all_prompts() for w in p.split()})
     clip_tok, t5_tok = tiny_tokenizers(words)
@@ -133,7 +138,8 @@ def new_pipeline(seed):
                         layers_per_block=1, latent_channels=16, norm_num_groups=16, use_quant_conv=False,
                         use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
     return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**TRANSFORMER), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=SD3Transformer2DModel(**(TRANSFORMER | dict(patch_size=patch_size))),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae, text_encoder=clip_encoder(32), tokenizer=clip_tok, text_encoder_2=clip_encoder(64),
         tokenizer_2=clip_tok, text_encoder_3=t5, tokenizer_3=t5_tok)
 
@@ -179,7 +185,7 @@ def train_vae(vae, images, args, device):
         if step % 500 == 0:
             print(f"vae step {step}/{total} l1 {loss.item():.4f}", flush=True)
     vae.eval()
-    return dict(l1=float(loss), steps=step)
+    return dict(l1=loss.item(), steps=step)
 
 
 @torch.no_grad()
@@ -208,7 +214,8 @@ def train_transformer(pipe, latents, prompts, args, device):
     ids = torch.tensor([index[p] for p in prompts])
     empty = index[""]
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.transformer_lr, weight_decay=0.01)
-    g = torch.Generator(device).manual_seed(args.seed + 2)
+    # A continued run (--stages transformer) draws other batches than the run it continues.
+    g = torch.Generator(device).manual_seed(args.seed + 2 + 1000 * ("vae" not in args.stages.split(",")))
     latents, ids, n = latents.to(device), ids.to(device), args.transformer_batch_size
     losses, total, t0, step = [], args.steps, time.time(), 0
     while step < total:
@@ -353,27 +360,37 @@ def main(args):
     train_prompts, held_out = world.split_prompts()
     pipeline_dir = os.path.join(args.out, "pipeline")
 
-    if "data" in stages or "vae" in stages or "transformer" in stages:
+    if "vae" in stages or "transformer" in stages:  # both need the renders ("data")
         t0 = time.time()
         images, prompts = make_training_images(train_prompts, args.num_images, args.seed, os.cpu_count() or 1,
                                                args.degraded_fraction)
         report["data"] = dict(images=len(images), seconds=round(time.time() - t0, 1),
                               oracle=summary(world.score(images[:2000], prompts[:2000])))
         print(f"1. data: {report['data']}", flush=True)
-        pipe = new_pipeline(args.seed)
-        t0 = time.time()
-        report["vae"] = train_vae(pipe.vae, images, args, device)
-        latents = encode_all(pipe.vae, images, device)
-        # SD3 convention: x0 = (mean - shift) * scale, with the latents' own mean and spread.
-        shift, scale = float(latents.mean()), float(1 / latents.std())
-        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-        report["vae"].update(shift_factor=shift, scaling_factor=scale, seconds=round(time.time() - t0, 1))
-        print(f"2. vae: {report['vae']}", flush=True)
-        t0 = time.time()
-        pipe.to(device)
-        report["transformer"] = train_transformer(pipe, (latents - shift) * scale, prompts, args, device)
-        report["transformer"]["seconds"] = round(time.time() - t0, 1)
-        print(f"3. transformer: {report['transformer']}", flush=True)
+        if "vae" in stages:  # a new pipeline: train the VAE, then the transformer from scratch
+            pipe = new_pipeline(args.seed, args.patch_size)
+            t0 = time.time()
+            report["vae"] = train_vae(pipe.vae, images, args, device)
+            latents = encode_all(pipe.vae, images, device)
+            # SD3 convention: x0 = (mean - shift) * scale, with the latents' own mean and spread.
+            shift, scale = float(latents.mean()), float(1 / latents.std())
+            pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+            report["vae"].update(shift_factor=shift, scaling_factor=scale, seconds=round(time.time() - t0, 1))
+            print(f"2. vae: {report['vae']}", flush=True)
+        else:  # --stages transformer: go on training the saved pipeline's transformer (same VAE and encoders)
+            if not os.path.isfile(os.path.join(pipeline_dir, "model_index.json")):
+                raise SystemExit(f"--stages without vae continues {pipeline_dir}, which holds no pipeline")
+            pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
+            latents = encode_all(pipe.vae.to(device), images, device)
+            shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+            report["continued_from"] = json.load(open(os.path.join(args.out, "build.json"))).get("transformer") \
+                if os.path.isfile(os.path.join(args.out, "build.json")) else None
+        if "transformer" in stages:
+            t0 = time.time()
+            pipe.to(device)
+            report["transformer"] = train_transformer(pipe, (latents - shift) * scale, prompts, args, device)
+            report["transformer"]["seconds"] = round(time.time() - t0, 1)
+            print(f"3. transformer: {report['transformer']}", flush=True)
         pipe.to("cpu").to(torch.float16).save_pretrained(pipeline_dir)
         del images, latents
 
