@@ -179,11 +179,22 @@ def set_rng_state(state, generator):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(path, drm, optimizer, step, rng_states, args):
+def save_checkpoint(path, drm, optimizer, step, rng_states, args, elapsed=0.0):
     """One plain dict, written to a temp file and renamed, so a crash never leaves half a checkpoint."""
     checkpoint = dict(drm=drm.trainable_state_dict(), optimizer=optimizer.state_dict(), step=step,
-                      rng=rng_states, args=asdict(args))
+                      rng=rng_states, args=asdict(args), elapsed=elapsed)
     torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def truncate_metrics(path, step):
+    """Keep the metrics.jsonl rows up to `step`: a run resumed from a checkpoint at `step` logs the rest again."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
     os.replace(path + ".tmp", path)
 
 
@@ -295,7 +306,7 @@ def main(args):
 
     # Resume: weights, optimizer, step (= data position), every rank's RNG states.
     noise_generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
-    start_step, checkpoint_path = 0, os.path.join(args.out, "checkpoint.pt")
+    start_step, elapsed, checkpoint_path = 0, 0.0, os.path.join(args.out, "checkpoint.pt")
     resume_path = checkpoint_path if args.resume == "latest" else args.resume
     if resume_path and os.path.isfile(resume_path):
         checkpoint = torch.load(resume_path, map_location=device, weights_only=False)
@@ -305,7 +316,7 @@ def main(args):
                                 f"{checkpoint['args'][name]}, this run has {getattr(args, name)}")
         drm.load_state_dict(checkpoint["drm"], strict=False)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step = checkpoint["step"]
+        start_step, elapsed = checkpoint["step"], checkpoint.get("elapsed", 0.0)
         if len(checkpoint["rng"]) == world:
             set_rng_state(checkpoint["rng"][rank], noise_generator)
         else:
@@ -324,6 +335,8 @@ def main(args):
     sigmas_eval = [float(s) for s in args.eval_sigmas.split(",")]
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, then exit
+    if rank == 0 and start_step:  # a resumed run logs again from its checkpoint on: drop the rows after it
+        truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start_step)
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
 
     def checkpoint_now(step):
@@ -332,11 +345,11 @@ def main(args):
             states = [None] * world
             dist.all_gather_object(states, rng_state(noise_generator))
         if rank == 0:
-            save_checkpoint(checkpoint_path, drm, optimizer, step, states, args)
+            save_checkpoint(checkpoint_path, drm, optimizer, step, states, args, time.time() - t_start)
             save_drm(drm, os.path.join(args.out, "drm.safetensors"), args.model, args.max_sequence_length)
 
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=rank != 0)
-    t_start = time.time()
+    t_start = time.time() - elapsed  # --max-minutes counts the time before a resume too
     for step in bar:
         t0 = time.time()
         loss_sum, correct = 0.0, 0

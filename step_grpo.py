@@ -42,7 +42,7 @@ from tqdm import tqdm
 from data import UserError, read_prompts
 from model import LORA_TARGETS, decode_latents, default_sequence_length, load_drm, load_pipeline, sde_step
 from plot import plot_runs, read_metrics
-from reward_train import print0, setup_distributed
+from reward_train import print0, setup_distributed, truncate_metrics
 from step_sample import sde_candidates, velocity
 
 
@@ -423,6 +423,7 @@ def main(args):
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
     start_step, checkpoint_path = 0, os.path.join(args.out, "checkpoint.pt")
+    device_seconds, elapsed = 0.0, 0.0
     resume_path = checkpoint_path if args.resume == "latest" else args.resume
     if resume_path and os.path.isfile(resume_path):
         checkpoint = torch.load(resume_path, map_location=device, weights_only=False)
@@ -433,6 +434,7 @@ def main(args):
         set_peft_model_state_dict(transformer, checkpoint["lora"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_step = checkpoint["step"]
+        device_seconds, elapsed = checkpoint.get("device_seconds", 0.0), checkpoint.get("elapsed", 0.0)
         if len(checkpoint["rng"]) == world:
             torch.set_rng_state(checkpoint["rng"][rank]["torch"])
             generator.set_state(checkpoint["rng"][rank]["noise"])
@@ -441,6 +443,8 @@ def main(args):
         print0(f"resumed from {resume_path} at step {start_step}", rank=rank)
     elif args.resume == "latest":
         print0(f"--resume latest: no {checkpoint_path} yet, starting fresh", rank=rank)
+    if rank == 0 and start_step:  # a resumed run logs again from its checkpoint on: drop the rows after it
+        truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start_step)
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
     history = [r for r in read_metrics(os.path.join(args.out, "metrics.jsonl")) if "eval_prompts" in r] \
         if rank == 0 and start_step else []  # earlier evaluations of a resumed run, for the plot
@@ -453,14 +457,15 @@ def main(args):
             states = gathered
         if rank == 0:
             lora = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
-            checkpoint = dict(lora=lora, optimizer=optimizer.state_dict(), step=step, rng=states, args=asdict(args))
+            checkpoint = dict(lora=lora, optimizer=optimizer.state_dict(), step=step, rng=states, args=asdict(args),
+                              device_seconds=device_seconds, elapsed=time.time() - t_start)
             torch.save(checkpoint, checkpoint_path + ".tmp")
             os.replace(checkpoint_path + ".tmp", checkpoint_path)
             save_lora(transformer, os.path.join(args.out, "lora"))
 
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, then exit
-    device_seconds, t_start = 0.0, time.time()
+    t_start = time.time() - elapsed  # --max-minutes counts the time before a resume too
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=rank != 0)
     for step in bar:
         t0 = time.time()

@@ -226,7 +226,11 @@ def test_resume_gives_the_uninterrupted_weights(step_run, tiny_dir, drm_file, tm
     assert resumed["step"] == straight["step"] == 2
     for name, tensor in straight["lora"].items():
         torch.testing.assert_close(resumed["lora"][name], tensor, rtol=0, atol=1e-6)
-    assert [r["step"] for r in metrics(out)] == [1, 2]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    # device_seconds carry on across the resume (one process: each step adds its own seconds)
+    assert abs(rows[1]["device_seconds"] - (rows[0]["device_seconds"] + rows[1]["seconds"])) < 0.02
+    assert abs(resumed["device_seconds"] - rows[1]["device_seconds"]) < 0.01 and resumed["elapsed"] > 0
 
 
 @pytest.mark.parametrize("mode", ["step", "grpo"])
@@ -277,3 +281,124 @@ def test_bad_inputs(tiny_dir, drm_file, other_drm, tmp_path):
     assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")
     result = run([*base, "--k", "1"], check=False)  # the command line: one line, exit 2
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --k 1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# toy/compare_grpo.py: the summary's pure functions, bad input, one end-to-end comparison
+
+def synthetic_run(rng, rate, seconds_per_step, eval_every=5):
+    """Evaluation rows of a run whose oracle score rises by `rate` a step (and its DRM score twice as fast), stopped
+    by a time budget at a random step, with a little evaluation noise."""
+    last = int(rng.integers(40, 60))
+    return [dict(step=s, device_seconds=round(s * seconds_per_step, 2), eval_prompts=8,
+                 eval_oracle=0.2 + rate * s + float(rng.normal(0, 1e-4)), eval_drm=0.1 + 2 * rate * s)
+            for s in [*range(eval_every, last, eval_every), last]]
+
+
+def test_compare_mean_interval():
+    import numpy as np
+    from toy.compare_grpo import T95, mean_interval
+    rng = np.random.default_rng()
+    values = [float(v) for v in rng.normal(0.5, 0.1, 3)]
+    mean, half = mean_interval(values)
+    assert mean == pytest.approx(np.mean(values))
+    assert half == pytest.approx(T95[2] * np.std(values, ddof=1) / math.sqrt(3))
+    assert mean - half < mean < mean + half
+    assert 0 < mean_interval(values * 3)[1] < half  # the same spread over more seeds: a narrower interval
+    assert mean_interval(values[:1]) == (values[0], None)  # one seed: no interval
+
+
+def test_compare_speedup_of_a_faster_curve():
+    import numpy as np
+    from toy.compare_grpo import mean_curve, summarize
+    rng = np.random.default_rng()
+    rate, seconds = float(rng.uniform(0.002, 0.01)), float(rng.uniform(0.5, 2.0))
+    runs = {"grpo": {s: synthetic_run(rng, rate, seconds) for s in range(3)},
+            "step_k2_best": {s: synthetic_run(rng, 3 * rate, 1.5 * seconds) for s in range(3)},  # 3x per step
+            "step_k4_random": {s: synthetic_run(rng, rate / 3, seconds) for s in range(3)}}
+    curve = mean_curve(list(runs["grpo"].values()), "eval_oracle")
+    assert curve[-1]["step"] == min(rows[-1]["step"] for rows in runs["grpo"].values())  # the shortest seed's end
+    summary = summarize(runs)
+    assert summary["target_eval_oracle"] == curve[-1]["eval_oracle"]
+    grpo, fast, slow = (summary["configs"][n] for n in ("grpo", "step_k2_best", "step_k4_random"))
+    assert grpo["speedup_steps"] == grpo["speedup_seconds"] == 1.0
+    assert 2 < fast["speedup_steps"] < 4 and 1.3 < fast["speedup_seconds"] < 2.7  # ~3 and ~2, to the eval grid
+    assert slow["speedup_steps"] is None and slow["steps_to_target"] is None  # never gets there
+    finals = [rows[-1]["eval_oracle"] for rows in runs["step_k2_best"].values()]
+    assert fast["final_eval_oracle"] == pytest.approx(np.mean(finals))
+    assert fast["first_eval_drm"] == pytest.approx(0.1 + 2 * 3 * rate * 5) and fast["first_steps"] == [5, 5, 5]
+    assert not any(fast["reward_hacking"].values())
+
+
+def test_compare_reward_hacking_flag():
+    import numpy as np
+    from toy.compare_grpo import reward_hacked
+    rng = np.random.default_rng()
+
+    def run(drm_change, oracle_change):
+        drm, oracle = float(rng.uniform(-1, 1)), float(rng.uniform(0.3, 0.7))
+        return [dict(step=5, eval_drm=drm, eval_oracle=oracle),
+                dict(step=10, eval_drm=drm + float(rng.normal()), eval_oracle=float(rng.uniform(0, 1))),
+                dict(step=15, eval_drm=drm + drm_change, eval_oracle=oracle + oracle_change)]
+
+    up, down = float(rng.uniform(0.01, 1)), -float(rng.uniform(0.01, 1))
+    assert reward_hacked(run(up, -0.02 - float(rng.uniform(0.001, 0.2))))  # the DRM rose, the oracle fell
+    assert not reward_hacked(run(up, -float(rng.uniform(0, 0.019))))  # a fall within the noise allowance
+    assert not reward_hacked(run(up, float(rng.uniform(0, 0.2))))  # both rose
+    assert not reward_hacked(run(down, -0.5))  # both fell: a worse model, not hacking
+    assert reward_hacked([{k: v for k, v in r.items() if k != "eval_drm"} for r in run(up, -0.5)]) is None
+
+
+def test_compare_bad_inputs(drm_file, tmp_path):
+    from toy import compare_grpo
+    base = ["--drm", drm_file, "--out", str(tmp_path / "compare")]
+    cases = {
+        "--drm '.*missing.safetensors': no such file": ["--drm", str(tmp_path / "missing.safetensors")],
+        "--configs 'grpo,step_k3': unknown configuration step_k3; choose from step_k2_best": ["--configs",
+                                                                                              "grpo,step_k3"],
+        "--minutes 0.0: must be > 0": ["--minutes", "0"],
+        "--minutes -1.0": ["--minutes", "-1"],
+        "--seeds '': give one or more": ["--seeds", ""],
+        "--seeds '0,a'": ["--seeds", "0,a"],
+        "--extra sets --seed=3": ["--extra", "--lr 1e-3 --seed=3"],
+    }
+    for message, extra in cases.items():
+        with pytest.raises(UserError, match=message.replace("-", r"\-").replace("(", r"\(")):
+            compare_grpo.main([*base, *extra])
+    # without a DRM only grpo_oracle can run; the message says so
+    with pytest.raises(UserError, match="step_k2_best, grpo train on the DRM"):
+        compare_grpo.main(["--drm", "", "--configs", "step_k2_best,grpo,grpo_oracle", "--out", str(tmp_path)])
+    assert not os.path.exists(tmp_path / "compare")
+    result = subprocess.run([sys.executable, "-m", "toy.compare_grpo", *base, "--minutes", "0"], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --minutes 0.0: must be > 0 (step_grpo.py reads 0 as no time limit)"]
+
+
+def test_compare_grpo_end_to_end(tiny_dir, drm_file, tmp_path):
+    import shlex
+    out = tmp_path / "compare"
+    command = [sys.executable, "-m", "toy.compare_grpo", "--drm", drm_file, "--out", str(out), "--minutes", "0.02",
+               "--seeds", "0", "--configs", "step_k2_best,grpo", "--group", "2", "--eval-every", "2",
+               "--extra", shlex.join(["--model", str(tiny_dir), *RUN])]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert list(summary["configs"]) == ["step_k2_best", "grpo"]
+    for name, entry in summary["configs"].items():
+        run_rows = metrics(str(out / f"{name}_s0"))
+        assert "eval_oracle" in run_rows[-1] and "eval_drm" in run_rows[-1]  # stopped by the budget, evaluated
+        assert os.path.isfile(out / f"{name}_s0" / "done.json") and os.path.isfile(out / f"{name}_s0" / "checkpoint.pt")
+        assert entry["final_steps"] == [run_rows[-1]["step"]] and entry["final_eval_oracle_ci95"] is None  # 1 seed
+        assert entry["final_eval_drm"] == pytest.approx(run_rows[-1]["eval_drm"])
+    assert summary["configs"]["grpo"]["speedup_steps"] == 1.0
+    assert "| step_k2_best | 1 |" in result.stdout and "| grpo | 1 |" in result.stdout
+    for png in ("oracle.png", "drm.png"):
+        with Image.open(out / png) as image:
+            assert image.format == "PNG" and image.size[0] > 400
+    again = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout.count("done already, skipped") == 2  # a rerun resumes: no new runs
+    other = subprocess.run([*command, "--minutes", "0.03"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                           timeout=60)  # another budget in the same --out would mix two experiments
+    assert other.returncode == 2 and "step_k2_best_s0 was run with other flags" in other.stderr
