@@ -222,6 +222,19 @@ class DRM(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
 
+def compile_blocks(transformer, mode=None):
+    """torch.compile every transformer block in place. The generator's forward, the DRM prefix and the sampler's
+    suffix all call the blocks, so all three run compiled; each new input shape (the CFG pair, k candidates)
+    compiles once, on first use."""
+    import torch._dynamo
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), 64))  # blocks x shapes, more than the default 8
+    for block in transformer.transformer_blocks:
+        block.compile(mode=mode)
+    return transformer
+
+
 def transformer_suffix(transformer, hidden, context, temb, first_block, height, width):
     """Finish the transformer's forward from block `first_block` on: the velocity (B, C, height, width) that
     `transformer(...)` returns, given the image tokens, text tokens and timestep embedding after the blocks before."""

@@ -25,8 +25,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import UserError, read_prompts
-from model import (decode_latents, default_sequence_length, encode_prompts, load_drm, load_pipeline,
-                   score_images, sde_step, transformer_suffix)
+from model import (compile_blocks, decode_latents, default_sequence_length, encode_prompts, load_drm,
+                   load_pipeline, score_images, sde_step, transformer_suffix)
 
 
 def parse_args(argv=None):
@@ -49,6 +49,8 @@ def parse_args(argv=None):
                                                                       "pipeline's, at most 256)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     p.add_argument("--no-reuse", action="store_true", help="do not reuse the DRM's prefix activations")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (generator and "
+                   "DRM); the first batch pays the compile time")
     p.add_argument("--grid", action="store_true", help="also write grid.png: k=1 vs k on the same seeds")
     p.add_argument("--out", default="runs/samples", help="output folder: PNGs and results.jsonl")
     return p.parse_args(argv)
@@ -184,6 +186,8 @@ def main(args):
     if height % multiple or width % multiple:
         raise UserError(f"--height {height} / --width {width} must be divisible by {multiple} for {args.model}")
     drm, config = load_drm(args.drm, pipe.transformer) if args.drm else (None, {})
+    if args.compile:
+        compile_blocks(pipe.transformer)
     length = args.max_sequence_length or config.get("max_sequence_length", default_sequence_length(pipe))
     branch = tuple(int(v) for v in args.branch_steps.split(":")) if args.branch_steps else None
     os.makedirs(args.out, exist_ok=True)

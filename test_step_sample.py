@@ -1,6 +1,7 @@
 """Step-wise Sampling on a tiny random SD3.5-style pipeline: exactness against diffusers, the reuse of the DRM's
 prefix activations, the top-1 selection, and the command line."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -154,3 +155,27 @@ def test_cli_bad_input(tiny_dir, drm_file, tmp_path):
     rc, log = run_cli("--model", tiny_dir, "--drm", other_drm, "--prompt", "x", "--k", "2", "--height", "32",
                       "--width", "32")
     assert rc != 0 and "other.safetensors" in log, log[-1000:]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_blocks_give_the_eager_results(tiny_dir, drm_file):
+    seed = int(torch.randint(0, 10_000, ()))
+    from torch._dynamo.utils import counters
+    eager, compiled = model.load_pipeline(tiny_dir), model.load_pipeline(tiny_dir)
+    model.compile_blocks(compiled.transformer)
+    graphs_before = counters["stats"]["unique_graphs"]
+    drm_eager, _ = model.load_drm(drm_file, eager.transformer)
+    drm_compiled, _ = model.load_drm(drm_file, compiled.transformer)
+    prompts, seeds = ["a red circle", "a blue square"], [seed, seed + 1]
+    for k, noise in ((1, 0.0), (2, 0.7)):  # plain ODE sampling; branching with the DRM and the prefix reuse
+        kw = dict(k=k, steps=3, guidance=4.5, noise_level=noise, height=32, width=32, max_sequence_length=16,
+                  return_latents=True)
+        images_e, scores_e, latents_e = step_sample.step_sample(eager, drm_eager if k > 1 else None, prompts,
+                                                                seeds, **kw)
+        images_c, scores_c, latents_c = step_sample.step_sample(compiled, drm_compiled if k > 1 else None,
+                                                                prompts, seeds, **kw)
+        torch.testing.assert_close(latents_c, latents_e, atol=1e-4, rtol=0)
+        torch.testing.assert_close(images_c, images_e, atol=1e-4, rtol=0)
+        if k > 1:
+            torch.testing.assert_close(torch.as_tensor(scores_c), torch.as_tensor(scores_e), atol=1e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the blocks did run compiled

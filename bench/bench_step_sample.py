@@ -9,6 +9,7 @@ Reported: median and min/max seconds per image over --repeats runs after one war
 the peak memory. The paper's ratio at k = 6 is 3.4x (9.83 s / 2.88 s); the aim is <= 2.5x.
 
     python bench/bench_step_sample.py --out bench/results/step_sample.json        # one GPU, ~5 min
+    python bench/bench_step_sample.py --variants eager,compile --batches 8 --ks 1,6 # eager vs torch.compile
     python bench/bench_step_sample.py --tiny                                        # CPU smoke check
 """
 import argparse
@@ -61,8 +62,10 @@ def time_config(pipe, drm, batch, k, reuse, args, size):
     kw = dict(k=k, steps=args.steps, guidance=4.5, noise_level=0.7, height=size, width=size,
               max_sequence_length=args.t5_tokens, reuse=reuse)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    step_sample.step_sample(pipe, drm, prompts, seeds, **(kw | dict(steps=2)))  # warm-up (same shapes)
+    t0 = time.perf_counter()
+    step_sample.step_sample(pipe, drm, prompts, seeds, **(kw | dict(steps=2)))  # warm-up (same shapes; compiles)
     sync()
+    warmup = time.perf_counter() - t0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -72,7 +75,8 @@ def time_config(pipe, drm, batch, k, reuse, args, size):
         sync()
         times.append((time.perf_counter() - t0) / batch)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0
-    return dict(batch=batch, k=k, reuse=reuse, median_s_per_image=round(statistics.median(times), 4),
+    return dict(batch=batch, k=k, reuse=reuse, warmup_s=round(warmup, 2),
+                median_s_per_image=round(statistics.median(times), 4),
                 min=round(min(times), 4), max=round(max(times), 4), peak_gib=round(peak, 2))
 
 
@@ -84,6 +88,8 @@ def main():
     p.add_argument("--batches", default="1,8", help="batch sizes")
     p.add_argument("--ks", default="1,2,4,6", help="candidate counts")
     p.add_argument("--no-reuse-ks", default="2,4,6", help="k values also timed with the prefix reuse off")
+    p.add_argument("--variants", default="eager", help="eager and/or compile (model.compile_blocks), run in this "
+                   "order on the same pipeline; a compiled row's warmup_s includes its compile time")
     p.add_argument("--t5-tokens", type=int, default=256, help="T5 tokens (text = 77 + this)")
     p.add_argument("--out", default="bench/results/step_sample.json", help="JSON output")
     args = p.parse_args()
@@ -96,18 +102,22 @@ def main():
         pipe, size, m = real_shape_pipeline(device, torch.bfloat16), 512, 3
     drm = model.DRM(pipe.transformer, skip_last_blocks=m).to(device).eval()
     rows = []
-    for batch in (int(b) for b in args.batches.split(",")):
-        for k in (int(v) for v in args.ks.split(",")):
-            no_reuse = {int(v) for v in args.no_reuse_ks.split(",") if v}
-            for reuse in ((False,) if k == 1 else (False, True) if k in no_reuse else (True,)):
-                rows.append(time_config(pipe, drm, batch, k, reuse, args, size))
-                base = next(r for r in rows if r["batch"] == batch and r["k"] == 1)
-                rows[-1]["ratio_to_k1"] = round(rows[-1]["median_s_per_image"] / base["median_s_per_image"], 3)
-                print(rows[-1], flush=True)
-    print(f"\n{'batch':>5} {'k':>3} {'reuse':>5} {'s/image':>9} {'min':>8} {'max':>8} {'x k=1':>6} {'GiB':>6}")
+    for variant in args.variants.split(","):
+        if variant == "compile":
+            model.compile_blocks(pipe.transformer)
+        for batch in (int(b) for b in args.batches.split(",")):
+            for k in (int(v) for v in args.ks.split(",")):
+                no_reuse = {int(v) for v in args.no_reuse_ks.split(",") if v}
+                for reuse in ((False,) if k == 1 else (False, True) if k in no_reuse else (True,)):
+                    rows.append(time_config(pipe, drm, batch, k, reuse, args, size) | dict(variant=variant))
+                    base = next(r for r in rows if r["batch"] == batch and r["k"] == 1 and r["variant"] == variant)
+                    rows[-1]["ratio_to_k1"] = round(rows[-1]["median_s_per_image"] / base["median_s_per_image"], 3)
+                    print(rows[-1], flush=True)
+    print(f"\n{'variant':>7} {'batch':>5} {'k':>3} {'reuse':>5} {'s/image':>9} {'min':>8} {'max':>8} {'x k=1':>6} "
+          f"{'GiB':>6} {'warm-up s':>9}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['k']:>3} {str(r['reuse']):>5} {r['median_s_per_image']:>9.4f} {r['min']:>8.4f} "
-              f"{r['max']:>8.4f} {r['ratio_to_k1']:>6.2f} {r['peak_gib']:>6.2f}")
+        print(f"{r['variant']:>7} {r['batch']:>5} {r['k']:>3} {str(r['reuse']):>5} {r['median_s_per_image']:>9.4f} "
+              f"{r['min']:>8.4f} {r['max']:>8.4f} {r['ratio_to_k1']:>6.2f} {r['peak_gib']:>6.2f} {r['warmup_s']:>9.2f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                 steps=args.steps, size=size, t5_tokens=args.t5_tokens, guidance=4.5, noise_level=0.7,
