@@ -17,7 +17,8 @@ Departures from the paper / Flow-GRPO:
 - --continue defaults to best, untested against random (the paper does not say; measure before trusting it).
 - No micro-batching: each step's policy forward sees all of the rank's latents at that step, as the rollout did,
   so the kernels and hence the log-probs match (ratio 1 at the first inner epoch). Use fewer prompts per rank.
-- One optimizer step per inner epoch, gradients accumulated over the T recorded steps. No EMA.
+- One optimizer step per inner epoch, gradients accumulated over the T recorded steps. --ema keeps an EMA of the
+  LoRA weights (off by default): evaluations and the saved LoRA use it, the checkpoint holds both.
 - At each evaluation, OUT/reward.png plots the evaluation rewards against step and device-seconds (plot.py; it
   also overlays several runs' metrics.jsonl).
 
@@ -70,6 +71,8 @@ class Args:
     lora_rank: int = field(default=32, metadata={"help": "LoRA rank on the attention projections"})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha"})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    ema: float = field(default=0.0, metadata={"help": "EMA decay of the LoRA weights (0: off); evaluations and the "
+                                                      "saved LoRA then use the EMA weights"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per optimizer step, all ranks together "
@@ -317,6 +320,31 @@ def save_lora(transformer, out_dir):
     os.rmdir(tmp)
 
 
+@torch.no_grad()
+def ema_update(ema, params, decay):
+    """ema <- decay * ema + (1 - decay) * params, in place, tensor by tensor."""
+    for e, p in zip(ema, params):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+@contextlib.contextmanager
+def swapped_in(params, values):
+    """Within the block the parameters hold `values` (e.g. the EMA weights); afterwards their own again."""
+    if values is None:
+        yield
+        return
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved):
+                p.copy_(v)
+
+
 def shard_prompts(step, rank, world, prompts, per_step, seed):
     """This rank's prompts of one step: a fresh permutation each epoch, contiguous per rank, so a prompt's group
     never spans ranks. The position is the step itself: resuming needs no sampler state."""
@@ -340,6 +368,8 @@ def check_args(args, world):
         raise UserError(f"--k {args.k}: step mode needs >= 2 candidates per step to compare")
     if args.mode == "grpo" and args.group < 2:
         raise UserError(f"--group {args.group}: grpo mode needs >= 2 trajectories per prompt to compare")
+    if not 0 <= args.ema < 1:
+        raise UserError(f"--ema {args.ema}: the EMA decay must lie in [0, 1) (0: off; Flow-GRPO's is 0.9)")
     if args.lora_rank <= 0 or args.lora_alpha <= 0:
         raise UserError(f"--lora-rank {args.lora_rank} / --lora-alpha {args.lora_alpha} must be > 0")
     for name in ("steps", "eval_steps", "inner_epochs", "save_every", "max_steps", "prompts_per_step"):
@@ -404,6 +434,7 @@ def main(args):
     print0(f"policy LoRA r={args.lora_rank} alpha={args.lora_alpha}: {sum(p.numel() for p in trainable) / 1e6:.2f}M "
            f"trained parameters; mode {args.mode}, reward {args.reward}, {dtype}, {world} rank(s)", rank=rank)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    ema = [p.detach().clone() for p in trainable] if args.ema > 0 else None
     model = torch.nn.parallel.DistributedDataParallel(
         transformer, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else transformer
     pipe.scheduler.set_timesteps(args.steps, device=device)
@@ -432,6 +463,11 @@ def main(args):
                 raise UserError(f"--resume {resume_path}: the checkpoint has --{name.replace('_', '-')} "
                                 f"{checkpoint['args'][name]}, this run has {getattr(args, name)}")
         set_peft_model_state_dict(transformer, checkpoint["lora"])
+        if ema is not None:
+            if checkpoint.get("ema") is None:
+                raise UserError(f"--resume {resume_path}: the checkpoint has no EMA weights; resume without --ema")
+            for e, v in zip(ema, checkpoint["ema"]):
+                e.copy_(v)
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_step = checkpoint["step"]
         device_seconds, elapsed = checkpoint.get("device_seconds", 0.0), checkpoint.get("elapsed", 0.0)
@@ -458,10 +494,12 @@ def main(args):
         if rank == 0:
             lora = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
             checkpoint = dict(lora=lora, optimizer=optimizer.state_dict(), step=step, rng=states, args=asdict(args),
-                              device_seconds=device_seconds, elapsed=time.time() - t_start)
+                              device_seconds=device_seconds, elapsed=time.time() - t_start,
+                              ema=[e.cpu() for e in ema] if ema is not None else None)
             torch.save(checkpoint, checkpoint_path + ".tmp")
             os.replace(checkpoint_path + ".tmp", checkpoint_path)
-            save_lora(transformer, os.path.join(args.out, "lora"))
+            with swapped_in(trainable, ema):  # the LoRA users load: the EMA weights when there are any
+                save_lora(transformer, os.path.join(args.out, "lora"))
 
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, then exit
@@ -485,6 +523,8 @@ def main(args):
                     stats[name] += float(value) / len(records)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema_update(ema, trainable, args.ema)
             optimizer.zero_grad(set_to_none=True)
             if epoch == 0:  # logged: the on-policy check needs the first epoch's ratio (it must be 1)
                 first = stats
@@ -512,7 +552,8 @@ def main(args):
         last = done == args.max_steps or out_of_time
         evaluated = eval_prompts and (last or (args.eval_every and done % args.eval_every == 0))
         if evaluated:
-            row.update(evaluate(eval_prompts, ctx, rank, world))
+            with swapped_in(trainable, ema):
+                row.update(evaluate(eval_prompts, ctx, rank, world))
             print0(f"step {done} eval: {({k: v for k, v in row.items() if k.startswith('eval')})}", rank=rank)
         if metrics:
             metrics.write(json.dumps(row) + "\n")

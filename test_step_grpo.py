@@ -184,6 +184,35 @@ def test_max_minutes_stops_evaluates_and_saves(tiny_dir, drm_file, tmp_path):
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"] == 1
 
 
+def test_ema_update_and_swap():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    params = [torch.nn.Parameter(torch.randn(3, 4, generator=g)) for _ in range(2)]
+    ema = [torch.randn(3, 4, generator=g) for _ in range(2)]
+    expected = [0.9 * e + 0.1 * p.detach() for e, p in zip(ema, params)]
+    step_grpo.ema_update(ema, params, 0.9)
+    for e, x in zip(ema, expected):
+        torch.testing.assert_close(e, x)
+    own = [p.detach().clone() for p in params]
+    with step_grpo.swapped_in(params, ema):
+        assert all(torch.equal(p, e) for p, e in zip(params, ema))
+    assert all(torch.equal(p, o) for p, o in zip(params, own))  # their own values again
+
+
+def test_ema_run_saves_the_ema_lora(tiny_dir, drm_file, tmp_path):
+    out = str(tmp_path / "ema")
+    run(["--model", tiny_dir, "--drm", drm_file, "--mode", "step", "--k", "2", "--max-steps", "2", "--ema", "0.5",
+         "--out", out, *RUN])
+    checkpoint = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    saved = list(load_file(os.path.join(out, "lora", "pytorch_lora_weights.safetensors")).values())
+    raw = list(checkpoint["lora"].values())
+    assert len(checkpoint["ema"]) == len(raw) == len(saved)
+    for e in checkpoint["ema"]:  # every EMA tensor is in the file users load
+        assert any(s.shape == e.shape and torch.allclose(s.float(), e, atol=1e-6) for s in saved)
+    assert any(not any(s.shape == r.shape and torch.allclose(s.float(), r, atol=1e-6) for s in saved) for r in raw)
+    result = run(["--model", tiny_dir, "--drm", drm_file, "--ema", "1.5", "--out", out, *RUN], check=False)
+    assert result.returncode == 2 and "--ema 1.5" in result.stderr
+
+
 def test_plot_draws_each_run_where_its_values_are(tmp_path):
     import numpy as np
     from plot import COLOURS, plot_runs
