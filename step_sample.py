@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--no-reuse", action="store_true", help="do not reuse the DRM's prefix activations")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (generator and "
                    "DRM); the first batch pays the compile time")
-    p.add_argument("--grid", action="store_true", help="also write grid.png: k=1 vs k on the same seeds")
+    p.add_argument("--grid", action="store_true", help="also write grid.png: k=1 vs k (or best-of-N) on the same "
+                   "seeds")
     p.add_argument("--out", default="runs/samples", help="output folder: PNGs and results.jsonl")
     return p.parse_args(argv)
 
@@ -149,6 +150,28 @@ def final_scores(drm, pipe, prompts, images, max_sequence_length):
     return score_images(drm, pipe.vae, images, embeds, pooled).tolist()
 
 
+BEST_OF_N_SEED_STRIDE = 7919  # best-of-N: trial i of the job with seed s starts from seed s + 7919 i
+
+
+@torch.no_grad()
+def best_of_n(pipe, drm, prompts, seeds, n, max_sequence_length=256, **sampling):
+    """The baseline: n plain trajectories (k = 1) per job, trial i from seed + 7919 i; keep the image the DRM scores
+    highest at t = 0 (the earlier one on a tie). -> images (B, 3, H, W), scores [B], per-step histories [B]."""
+    best_images, best_scores, best_history = None, None, None
+    for trial in range(n):
+        trial_seeds = [s + BEST_OF_N_SEED_STRIDE * trial for s in seeds]
+        images, history = step_sample(pipe, drm, prompts, trial_seeds, k=1, max_sequence_length=max_sequence_length,
+                                      **sampling)
+        scores = final_scores(drm, pipe, prompts, images, max_sequence_length)
+        if best_images is None:
+            best_images, best_scores, best_history = images.clone(), list(scores), list(history)
+            continue
+        for row in range(len(prompts)):
+            if scores[row] > best_scores[row]:
+                best_images[row], best_scores[row], best_history[row] = images[row], scores[row], history[row]
+    return best_images, best_scores, best_history
+
+
 def save_png(image, path):
     Image.fromarray(((image.float().permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255)
                     .astype(np.uint8)).save(path)
@@ -194,36 +217,35 @@ def main(args):
 
     # Every (prompt, seed) job; best-of-N draws N plain trajectories per job and keeps the DRM's favourite.
     jobs = [(p, args.seed + j) for p in prompts for j in range(args.images_per_prompt)]
-    runs = [("k", args.k)] + ([("k1", 1)] if args.grid and args.k > 1 else [])
+    chosen = f"best-of-{args.best_of_n}" if args.best_of_n else f"k={args.k}"
+    with_grid = args.grid and (args.k > 1 or args.best_of_n > 1)
+    runs = [("k", chosen)] + ([("k1", "k=1")] if with_grid else [])
+    sampling = dict(steps=args.steps, guidance=args.guidance, noise_level=args.noise_level, height=height,
+                    width=width, branch_steps=branch, max_sequence_length=length, reuse=not args.no_reuse)
     results, grid = [], {}
-    for name, k in runs:
-        for start in tqdm(range(0, len(jobs), args.batch_size), desc=f"k={k}"):
+    for name, label in runs:
+        for start in tqdm(range(0, len(jobs), args.batch_size), desc=label):
             batch = jobs[start:start + args.batch_size]
             batch_prompts, seeds = [p for p, _ in batch], [s for _, s in batch]
-            n = args.best_of_n if (args.best_of_n and name == "k") else 1
-            best_images, best_scores, history = None, None, None
-            for trial in range(n):
-                images, hist = step_sample(pipe, drm, batch_prompts, [s + 7919 * trial for s in seeds],
-                                           1 if args.best_of_n else k, args.steps, args.guidance, args.noise_level,
-                                           height, width, branch, length, not args.no_reuse)
+            if name == "k" and args.best_of_n:
+                images, scores, history = best_of_n(pipe, drm, batch_prompts, seeds, args.best_of_n, **sampling)
+            else:
+                images, history = step_sample(pipe, drm, batch_prompts, seeds, args.k if name == "k" else 1,
+                                              **sampling)
                 scores = final_scores(drm, pipe, batch_prompts, images, length) if drm else [None] * len(batch)
-                if best_images is None:
-                    best_images, best_scores, history = images.clone(), scores, hist
-                else:
-                    for row in range(len(batch)):
-                        if scores[row] > best_scores[row]:
-                            best_images[row], best_scores[row], history[row] = images[row], scores[row], hist[row]
             for row, (prompt, seed) in enumerate(batch):
                 index = start + row
                 path = os.path.join(args.out, f"{name}_{index:05d}.png")
-                save_png(best_images[row], path)
-                grid.setdefault(index, {})[name] = best_images[row]
+                save_png(images[row], path)
+                if with_grid:
+                    grid.setdefault(index, {})[name] = images[row].cpu()
                 if name == "k":
-                    results.append(dict(prompt=prompt, seed=seed, k=k, best_of_n=args.best_of_n or None,
-                                        drm_score=best_scores[row], step_scores=history[row], file=path))
+                    results.append(dict(prompt=prompt, seed=seed, k=1 if args.best_of_n else args.k,
+                                        best_of_n=args.best_of_n or None, drm_score=scores[row],
+                                        step_scores=history[row], file=path))
     with open(os.path.join(args.out, "results.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
-    if args.grid and args.k > 1:  # one row per image: plain sampling (k = 1) left, step-wise (k) right
+    if with_grid:  # one row per image: plain sampling (k = 1) left, the chosen method (k, or best-of-N) right
         cells = [torch.cat([grid[i]["k1"], grid[i]["k"]], dim=2) for i in sorted(grid)]
         save_png(torch.cat(cells, dim=1), os.path.join(args.out, "grid.png"))
     print(f"wrote {len(results)} images and results.jsonl to {args.out}")

@@ -132,8 +132,12 @@ def test_cli_writes_images_results_and_grid(tiny_dir, drm_file, tmp_path):
     assert all(len(r["step_scores"]) == 2 and isinstance(r["drm_score"], float) for r in rows)
     assert (tmp_path / "grid.png").exists() and (tmp_path / "k_00000.png").exists()
     rc, log = run_cli("--model", tiny_dir, "--drm", drm_file, "--prompt", "a red circle", "--best-of-n", "2",
-                      "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "bon"))
+                      "--k", "4", "--grid", "--steps", "2", "--height", "32", "--width", "32", "--out",
+                      str(tmp_path / "bon"))
     assert rc == 0, log[-2000:]
+    rows = [__import__("json").loads(line) for line in open(tmp_path / "bon" / "results.jsonl")]
+    assert rows[0]["k"] == 1 and rows[0]["best_of_n"] == 2  # best-of-N samples plain trajectories, whatever --k
+    assert (tmp_path / "bon" / "grid.png").exists()  # k = 1 beside best-of-2
 
 
 def test_cli_bad_input(tiny_dir, drm_file, tmp_path):
@@ -179,3 +183,109 @@ def test_compiled_blocks_give_the_eager_results(tiny_dir, drm_file):
         if k > 1:
             torch.testing.assert_close(torch.as_tensor(scores_c), torch.as_tensor(scores_e), atol=1e-4, rtol=0)
     assert counters["stats"]["unique_graphs"] > graphs_before  # the blocks did run compiled
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# toy/compare_sampling.py: step-wise sampling against plain, ODE and best-of-N sampling at matched wall time
+
+def test_compare_sampling_math_on_random_inputs():
+    from toy import compare_sampling as cs
+    rng = np.random.default_rng()
+    values = rng.normal(rng.uniform(-1, 1), rng.uniform(0.1, 2), size=400)
+    mean, low, high = cs.mean_interval(values)
+    assert low < mean < high and mean == pytest.approx(values.mean())
+    assert high - mean == pytest.approx(1.96 * values.std(ddof=1) / 20)
+    _, low_few, high_few = cs.mean_interval(values[:25])
+    assert high - low < high_few - low_few  # more jobs, a narrower interval
+    assert cs.mean_interval(values[:1])[1:] == (None, None)
+    assert cs.paired_difference(values, values) == (0.0, 0.0, 0.0)
+    shift = rng.uniform(-1, 1)
+    diff, low, high = cs.paired_difference(values + shift + rng.normal(0, 1e-3, 400), values)
+    assert low < diff < high and diff == pytest.approx(shift, abs=1e-3) and high - low < 1e-3
+    images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)  # 3 prompts x 2 seeds, prompt-major
+    assert cs.diversity(np.repeat(images[::2], 2, axis=0), 2) == 0  # a prompt's seeds give the same image
+    assert cs.diversity(images, 2) > 0 and cs.diversity(images, 1) is None
+    assert cs.diversity(np.stack([np.zeros((8, 8, 3)), np.full((8, 8, 3), 255)]), 2) == pytest.approx(1.0)
+    seconds_1 = rng.uniform(0.01, 3)
+    for ratio in rng.uniform(0, 8, 50):
+        n = cs.matched_n(ratio * seconds_1, seconds_1)
+        assert n >= 1 and (abs(n - ratio) <= 0.5 + 1e-9 or (n == 1 and ratio < 1))
+    assert [cs.matched_n(r, 1.0) for r in (0.2, 1.49, 2.5, 3.4)] == [1, 1, 3, 3]
+    pixels = cs.oracle_pixels(torch.cat([-torch.ones(1, 3, 32, 32), torch.ones(1, 3, 32, 32)]))
+    assert pixels.shape == (2, 64, 64, 3) and pixels.dtype == np.uint8
+    assert pixels[0].max() == 0 and pixels[1].min() == 255
+
+
+def test_best_of_n_keeps_the_drm_favourite(pipe, drm_file):
+    drm, _ = model.load_drm(drm_file, pipe.transformer)
+    seed = int(np.random.default_rng().integers(10_000))
+    prompts, seeds = ["a red circle", "a blue square", "a green triangle"], [seed, seed + 1, seed + 2]
+    kw = dict(steps=2, guidance=4.5, noise_level=0.7, height=32, width=32)
+    images, scores, _ = step_sample.best_of_n(pipe, drm, prompts, seeds, 3, 16, **kw)
+    trials = [step_sample.step_sample(pipe, drm, prompts, [s + 7919 * i for s in seeds], k=1,
+                                      max_sequence_length=16, **kw)[0] for i in range(3)]  # step_sample --best-of-n
+    trial_scores = np.array([step_sample.final_scores(drm, pipe, prompts, t, 16) for t in trials])  # (3, B)
+    np.testing.assert_allclose(scores, trial_scores.max(0), atol=1e-5)
+    for row, best in enumerate(trial_scores.argmax(0)):
+        torch.testing.assert_close(images[row], trials[best][row])
+
+
+def run_compare_sampling(*args):
+    result = subprocess.run([sys.executable, "-m", "toy.compare_sampling", *args], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=240)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_compare_sampling_end_to_end(tiny_dir, drm_file, tmp_path):
+    import json
+    from PIL import Image
+    from toy import world
+    out = tmp_path / "out"
+    rc, log = run_compare_sampling("--pipeline", tiny_dir, "--drm", drm_file, "--prompts", "2", "--seeds", "2",
+                                   "--ks", "1,2", "--steps", "2", "--out", str(out))
+    assert rc == 0, log[-3000:]
+    assert "| configuration |" in log and "| k2 |" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["jobs"] == 4 and summary["ks"] == [1, 2] and summary["image_size"] == 64
+    best = summary["matched"]["k2"]  # best-of-N at k = 2's time; k1 itself when N rounds to 1
+    configs = summary["configs"]
+    assert set(configs) == {"ode", "k1", "k2", best}
+    assert configs["k2"]["matched_best_of_n"] == best
+    if best != "k1":
+        assert configs[best]["best_of_n"] == int(best.split("_")[-1]) >= 2 and configs[best]["matches"] == ["k2"]
+    assert configs["ode"]["noise_level"] == 0 and configs["k2"]["k"] == 2
+    assert configs["k1"]["oracle_vs_k1"] == 0 and configs["k1"]["oracle_vs_k1_ci95"] == [0, 0]
+    prompts = world.split_prompts()[1][:2]
+    rows = {}
+    for name, entry in configs.items():
+        assert entry["jobs"] == 4 and entry["seconds_per_image"] > 0 and entry["diversity"] > 0
+        low, high = entry["oracle_ci95"]
+        assert 0 <= entry["oracle_mean"] <= 1 and low <= entry["oracle_mean"] <= high
+        rows[name] = [json.loads(line) for line in open(out / "images" / name / "results.jsonl")]
+        assert [(r["prompt"], r["seed"]) for r in rows[name]] == [(p, s) for p in prompts for s in (0, 1)]
+        assert all(r["config"] == name and 0 <= r["oracle"] <= 1 and isinstance(r["drm"], float)
+                   for r in rows[name])
+        assert np.mean([r["oracle"] for r in rows[name]]) == pytest.approx(entry["oracle_mean"], abs=1e-4)
+        assert np.mean([r["drm"] for r in rows[name]]) == pytest.approx(entry["drm_mean"], abs=1e-4)
+        assert all(Image.open(out / r["file"]).size == (64, 64) for r in rows[name])
+    # best-of-N's trial 0 is the k = 1 image, so the DRM's favourite scores at least as high, job by job
+    assert all(b["drm"] >= a["drm"] for a, b in zip(rows["k1"], rows[best]))
+    columns = 2 if best == "k1" else 3  # k1, k2 and its best-of-N
+    assert Image.open(out / "grid.png").size == (columns * 96, 14 + 4 * (96 + 14) + 2)
+
+
+def test_compare_sampling_bad_input(tiny_dir, drm_file, tmp_path):
+    from data import UserError
+    from toy import compare_sampling as cs, world
+    held_out = len(world.split_prompts()[1])
+    base = ["--pipeline", tiny_dir, "--drm", drm_file, "--out", str(tmp_path / "o")]
+    cases = [(["--drm", str(tmp_path / "missing.safetensors")], "--drm"), (["--prompts", "0"], "--prompts"),
+             (["--prompts", str(held_out + 1)], str(held_out)), (["--seeds", "0"], "--seeds"),
+             (["--ks", "1,0,2"], "--ks"), (["--ks", "1,x"], "--ks"), (["--steps", "0"], "--steps"),
+             (["--batch-size", "0"], "--batch-size")]
+    for extra, expected in cases:
+        with pytest.raises(UserError, match=expected):
+            cs.main(base + extra)
+    assert not (tmp_path / "o").exists()  # refused before any work
+    rc, log = run_compare_sampling(*base, "--seeds", "0")
+    assert rc == 2 and log.strip().splitlines()[-1].startswith("error: --seeds")
