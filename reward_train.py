@@ -160,6 +160,24 @@ def setup_distributed():
     return rank, world, torch.device("cpu")
 
 
+def rank0_says(value, world, device):
+    """Rank 0's yes/no on every rank (a decision from rank 0's clock must be the same everywhere)."""
+    if world > 1:
+        flag = torch.tensor(float(value), device=device)
+        dist.broadcast(flag, 0)
+        value = bool(flag > 0)
+    return value
+
+
+def any_rank_says(value, world, device):
+    """Yes on every rank if any rank says yes (e.g. one rank got SIGTERM)."""
+    if world > 1:
+        flag = torch.tensor(float(value), device=device)
+        dist.all_reduce(flag)
+        value = bool(flag > 0)
+    return value
+
+
 def print0(*a, rank=0):
     if rank == 0:
         print(*a, flush=True)
@@ -379,11 +397,8 @@ def main(args):
 
         # 5. Log, evaluate, checkpoint.
         done = step + 1
-        out_of_time = args.max_minutes > 0 and time.time() - t_start > 60 * args.max_minutes
-        if world > 1:  # rank 0's clock decides, so that every rank stops at the same step
-            flag = torch.tensor(float(out_of_time), device=device)
-            dist.broadcast(flag, 0)
-            out_of_time = bool(flag > 0)
+        out_of_time = rank0_says(args.max_minutes > 0 and time.time() - t_start > 60 * args.max_minutes, world,
+                                 device)  # rank 0's clock decides, so that every rank stops at the same step
         last = done == total_steps or out_of_time
         row = dict(step=done, loss=round(loss_sum, 5), train_acc=round(correct / (n * args.grad_accum), 4),
                    grad_norm=round(float(grad_norm), 4), pairs_per_s=round(pairs_per_step / (time.time() - t0), 3))
@@ -394,10 +409,7 @@ def main(args):
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             bar.set_postfix(loss=row["loss"], acc=row["train_acc"])
-        if world > 1:
-            flag = torch.tensor(float(stop["requested"]), device=device)
-            dist.all_reduce(flag)
-            stop["requested"] = bool(flag > 0)
+        stop["requested"] = any_rank_says(stop["requested"], world, device)
         if last or done % args.save_every == 0 or stop["requested"]:
             checkpoint_now(done)
         if stop["requested"]:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from data import UserError, read_prompts
 from model import LORA_TARGETS, decode_latents, default_sequence_length, load_drm, load_pipeline, sde_step
 from plot import plot_runs, read_metrics
-from reward_train import print0, setup_distributed, truncate_metrics
+from reward_train import any_rank_says, print0, rank0_says, setup_distributed, truncate_metrics
 from step_sample import sde_candidates, velocity
 
 
@@ -544,11 +544,8 @@ def main(args):
                    grad_norm=float(grad_norm), seconds=round(seconds, 3), device_seconds=round(device_seconds, 2))
         if device.type == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-        out_of_time = args.max_minutes > 0 and time.time() - t_start > 60 * args.max_minutes
-        if world > 1:  # rank 0's clock decides, so that every rank stops at the same step
-            flag = torch.tensor(float(out_of_time), device=device)
-            dist.broadcast(flag, 0)
-            out_of_time = bool(flag > 0)
+        out_of_time = rank0_says(args.max_minutes > 0 and time.time() - t_start > 60 * args.max_minutes, world,
+                                 device)  # rank 0's clock decides, so that every rank stops at the same step
         last = done == args.max_steps or out_of_time
         evaluated = eval_prompts and (last or (args.eval_every and done % args.eval_every == 0))
         if evaluated:
@@ -563,10 +560,7 @@ def main(args):
                 plot_runs([(f"{args.mode} (reward {args.reward})", history)], "eval_oracle" if ctx["toy"]
                           else "eval_drm", os.path.join(args.out, "reward.png"))
             bar.set_postfix(reward=round(row["reward"], 4), ratio_dev=f"{row['ratio_dev']:.1e}")
-        if world > 1:
-            flag = torch.tensor(float(stop["requested"]), device=device)
-            dist.all_reduce(flag)
-            stop["requested"] = bool(flag > 0)
+        stop["requested"] = any_rank_says(stop["requested"], world, device)
         if last or done % args.save_every == 0 or stop["requested"]:
             checkpoint_now(done)
         if stop["requested"]:
