@@ -310,3 +310,26 @@ def test_deciding_term_is_the_factor_that_differs(seed):
     for i, term in enumerate(truth):  # the loser (n + i) is much worse in exactly one factor
         terms[term][n + i] = rng.uniform(0.0, 0.3)
     assert list(deciding_terms(terms, np.arange(n), np.arange(n, 2 * n))) == list(truth)
+
+
+def test_deciding_shares_name_the_degradation_that_split_each_prompts_samples(seed):
+    from toy.build import deciding_shares
+    rng = np.random.default_rng(seed)
+    per_prompt, kinds = 2, {"blur": "sharpness", "noise": "background"}
+    unique = [world.all_prompts()[i] for i in rng.choice(18, 12, replace=False)]  # single objects, unpositioned
+    prompts, images, expected = [], [], []
+    for i, p in enumerate(unique):  # per prompt: a clean render and the same render degraded at full strength
+        kind = list(kinds)[i % 2]
+        clean = world.render(p, rng)
+        prompts += [p] * per_prompt
+        images += [np.asarray(clean), np.asarray(world.degrade(clean, kind, rng, 1.0, prompt=p).convert("RGB"))]
+        expected.append(kinds[kind])
+    images = np.stack([np.asarray(Image.fromarray(im).convert("RGB")) for im in images])
+    scores = world.score(images, prompts)
+    out = deciding_shares(images, prompts, scores, per_prompt)
+    confident = [t for t, a, b in zip(expected, scores[::2], scores[1::2]) if abs(a - b) >= 0.15]
+    assert confident  # full-strength blur and noise cost far more than 0.15
+    for term in kinds.values():
+        assert abs(out["decided_by"][term] - confident.count(term) / len(confident)) < 1e-3
+    terms = world.score_terms(images, prompts)
+    assert all(abs(out["term_means"][t] - terms[t].mean()) < 1e-3 for t in out["term_means"])

@@ -62,8 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="VAE batch size")
     p.add_argument("--transformer-batch-size", type=int, default=512, help="transformer batch size")
     p.add_argument("--transformer-lr", type=float, default=4e-4, help="transformer peak learning rate")
-    p.add_argument("--patch-size", type=int, default=2, choices=(1, 2), help="transformer patch size of a new "
-                   "pipeline (1: 16 x 16 tokens, ~4x the cost)")
+    p.add_argument("--patch-size", type=int, choices=(1, 2), help="transformer patch size (1: 16 x 16 tokens); "
+                   "default 2 for a new pipeline, the saved one's when continuing; another size than the saved "
+                   "one trains a new transformer over the saved VAE and text encoders")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="base samples per prompt for the pairs")
     p.add_argument("--sample-steps", type=int, default=20, help="denoising steps for the preference samples")
     p.add_argument("--guidance", type=float, default=4.5, help="CFG scale for the preference samples")
@@ -328,6 +329,23 @@ def cross_pairs(prompts, paths, images, scores, per_prompt, count, rng):
     return records
 
 
+def deciding_shares(images, prompts, scores, per_prompt):
+    """Share of the confident own-prompt pairs (gap >= 0.15) decided by each oracle term, and each term's mean over
+    the samples: whether pairs turn on differences a model can see."""
+    from toy.evaluate import TERMS, deciding_terms
+    win, lose = [], []
+    for start in range(0, len(prompts), per_prompt):
+        for a in range(start, start + per_prompt):
+            for b in range(a + 1, start + per_prompt):
+                if abs(scores[a] - scores[b]) >= 0.15:
+                    win.append(a if scores[a] > scores[b] else b)
+                    lose.append(b if scores[a] > scores[b] else a)
+    terms = world.score_terms(images, prompts)
+    decided = deciding_terms(terms, np.array(win, dtype=int), np.array(lose, dtype=int))
+    return dict(decided_by={t: round(float((decided == t).mean()), 3) for t in TERMS if len(decided)},
+                term_means={t: round(float(terms[t].mean()), 3) for t in TERMS})
+
+
 def summary(scores):
     return dict(mean=round(float(scores.mean()), 4), std=round(float(scores.std()), 4), n=int(len(scores)))
 
@@ -368,7 +386,7 @@ def main(args):
                               oracle=summary(world.score(images[:2000], prompts[:2000])))
         print(f"1. data: {report['data']}", flush=True)
         if "vae" in stages:  # a new pipeline: train the VAE, then the transformer from scratch
-            pipe = new_pipeline(args.seed, args.patch_size)
+            pipe = new_pipeline(args.seed, args.patch_size or 2)
             t0 = time.time()
             report["vae"] = train_vae(pipe.vae, images, args, device)
             latents = encode_all(pipe.vae, images, device)
@@ -381,6 +399,10 @@ def main(args):
             if not os.path.isfile(os.path.join(pipeline_dir, "model_index.json")):
                 raise SystemExit(f"--stages without vae continues {pipeline_dir}, which holds no pipeline")
             pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
+            if args.patch_size and args.patch_size != pipe.transformer.config.patch_size:
+                torch.manual_seed(args.seed)
+                pipe.register_modules(transformer=SD3Transformer2DModel(**(TRANSFORMER | dict(
+                    patch_size=args.patch_size))))
             latents = encode_all(pipe.vae.to(device), images, device)
             shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
             report["continued_from"] = json.load(open(os.path.join(args.out, "build.json"))).get("transformer") \
@@ -406,7 +428,8 @@ def main(args):
             scores = world.score(images, prompts)
             records, paths = write_pairs(prefs, name, prompts, images, scores, args.samples_per_prompt)
             report[f"samples_{name}"] = summary(scores) | dict(
-                pairs=len(records), pairs_conf95=sum(r["confidence"] >= 0.95 for r in records))
+                pairs=len(records), pairs_conf95=sum(r["confidence"] >= 0.95 for r in records),
+                **deciding_shares(images, prompts, scores, args.samples_per_prompt))
             if name == "train" and args.cross_pairs:  # held-out pairs stay own-prompt pairs only
                 cross = cross_pairs(prompts, paths, images, scores, args.samples_per_prompt, args.cross_pairs,
                                     np.random.default_rng(args.seed))
