@@ -19,6 +19,9 @@ Departures from the paper / Flow-GRPO:
   so the kernels and hence the log-probs match (ratio 1 at the first inner epoch). Use fewer prompts per rank.
 - One optimizer step per inner epoch, gradients accumulated over the T recorded steps. --ema keeps an EMA of the
   LoRA weights (off by default): evaluations and the saved LoRA use it, the checkpoint holds both.
+- Noise comes from one generator per prompt, seeded by --seed, the step and the prompt's place in the step's
+  global batch (prompt_generators): runs on 1 or N GPUs at the same --prompts-per-step draw the same samples and
+  follow the same curve, and a resume needs no noise state.
 - At each evaluation, OUT/reward.png plots the evaluation rewards against step and device-seconds (plot.py; it
   also overlays several runs' metrics.jsonl).
 
@@ -129,6 +132,18 @@ def ppo_clip_loss(logp, logp_old, adv, clip_eps):
     return loss, ratio_dev, clip_frac
 
 
+def prompt_generators(seed, step, first, count, device):
+    """One noise generator per prompt of a rank's batch (prompts first .. first + count - 1 of the step's global
+    batch), seeded by (seed, step, position): a prompt's noise does not depend on how the batch is split."""
+    return [torch.Generator(device).manual_seed(((seed * 10_000_019 + step) * 100_003 + first + j) % 2 ** 63)
+            for j in range(count)]
+
+
+def per_prompt_randn(generators, rows, shape, device):
+    """Normal noise (P * rows, *shape): `rows` consecutive rows per prompt, each prompt's from its own generator."""
+    return torch.cat([torch.randn((rows, *shape), generator=g, device=device) for g in generators])
+
+
 def candidate_log_probs(v, x, sigma, sigma_next, noise_level, candidates, k):
     """log-probs (B * k,) of k candidates per latent under the SDE step from x (B, ...) with velocity v (B, ...):
     one mean per latent, repeated for its k candidates (B * k, C, H, W). Also returns the means and stds."""
@@ -185,10 +200,12 @@ def policy_embeddings(pos, pos_pooled, neg, neg_pooled, repeats, cfg):
 
 
 @torch.no_grad()
-def rollout(prompts, ctx, generator):
+def rollout(prompts, ctx, generators):
     """Sample with the current policy and record every step. Returns (records, the policy's embeddings, log): a
     record holds the shared latents x (B, C, h, w), sigma, sigma_next, the candidates x_next (B * k, ...), their
-    log-probs (B * k,) and advantages (B * k,). Every rank records exactly --steps records (DDP syncs on the last)."""
+    log-probs (B * k,) and advantages (B * k,). Every rank records exactly --steps records (DDP syncs on the last).
+    generators: one per prompt (prompt_generators); rows of B and B * k are grouped by prompt, so each prompt's
+    noise comes from its own generator."""
     args, pipe, transformer, dtype = ctx["args"], ctx["pipe"], ctx["transformer"], ctx["dtype"]
     step_mode, device = args.mode == "step", ctx["device"]
     k, per_prompt = (args.k, 1) if step_mode else (1, args.group)
@@ -196,14 +213,14 @@ def rollout(prompts, ctx, generator):
     pos, neg, pos_pooled, neg_pooled = ctx["encode"](prompts)
     embeds, pooled = policy_embeddings(pos, pos_pooled, neg, neg_pooled, per_prompt, args.cfg_in_loss)
     b = p * per_prompt  # shared latents: one per prompt (step) or one per trajectory (grpo), grouped by prompt
-    x = torch.randn((b, *ctx["latent_shape"]), generator=generator, device=device)  # x_T (B, C, h, w)
+    x = per_prompt_randn(generators, per_prompt, ctx["latent_shape"], device)  # x_T (B, C, h, w)
     rows, records, log = torch.arange(b, device=device), [], {}
     for i in range(args.steps):
         sigma, sigma_next = ctx["sigmas"][i], ctx["sigmas"][i + 1]
         # 1. Sample: one policy forward at the shared latents, k candidates each from one mean.
         with ctx["autocast"]():
             v = velocity(transformer, x.to(dtype), 1000 * sigma, embeds, pooled, guidance).float()  # (B, C, h, w)
-        eps = torch.randn((b * k, *x.shape[1:]), generator=generator, device=device)
+        eps = per_prompt_randn(generators, per_prompt * k, x.shape[1:], device)  # (B * k, C, h, w)
         candidates = sde_candidates(v, x, sigma, sigma_next, args.noise_level, eps)  # (B * k, C, h, w)
         logp, _, _ = candidate_log_probs(v, x, sigma, sigma_next, args.noise_level, candidates, k)  # (B * k,)
         records.append(dict(x=x, sigma=sigma, sigma_next=sigma_next, x_next=candidates, logp=logp, k=k))
@@ -220,7 +237,7 @@ def rollout(prompts, ctx, generator):
         if args.continue_from == "best":
             choice = rewards.argmax(1)
         else:
-            choice = torch.randint(0, k, (b,), generator=generator, device=generator.device).to(device)
+            choice = torch.cat([torch.randint(0, k, (1,), generator=g, device=device) for g in generators])
         x = candidates.view(b, k, *x.shape[1:])[rows, choice]  # (B, C, h, w)
         log["reward"], log["reward_chosen"] = float(rewards.mean()), float(rewards[rows, choice].mean())  # last wins
     if not step_mode:
@@ -265,7 +282,8 @@ def evaluate(prompts, ctx, rank, world):
     for start in range(0, len(mine), 8):
         batch = mine[start:start + 8]
         with ctx["autocast"]():
-            _, _, latents = step_sample(pipe, None, batch, [args.seed + 7 * (start + j) for j in range(len(batch))],
+            seeds = [args.seed + 7 * (rank + world * (start + j)) for j in range(len(batch))]  # by global index
+            _, _, latents = step_sample(pipe, None, batch, seeds,
                                         k=1, steps=args.eval_steps, guidance=args.guidance if args.cfg_in_loss
                                         else 1.0, noise_level=0.0, height=ctx["height"], width=ctx["width"],
                                         max_sequence_length=ctx["length"], return_latents=True)
@@ -450,9 +468,8 @@ def main(args):
                              width // pipe.vae_scale_factor), toy=is_toy(eval_prompts),
                autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32))
 
-    # Resume: LoRA, optimizer, step (= data position), every rank's RNG states.
+    # Resume: LoRA, optimizer, step (= data position and noise seeds), every rank's torch RNG state.
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
     start_step, checkpoint_path = 0, os.path.join(args.out, "checkpoint.pt")
     device_seconds, elapsed = 0.0, 0.0
     resume_path = checkpoint_path if args.resume == "latest" else args.resume
@@ -473,8 +490,7 @@ def main(args):
         device_seconds, elapsed = checkpoint.get("device_seconds", 0.0), checkpoint.get("elapsed", 0.0)
         if len(checkpoint["rng"]) == world:
             torch.set_rng_state(checkpoint["rng"][rank]["torch"])
-            generator.set_state(checkpoint["rng"][rank]["noise"])
-        else:
+        else:  # the noise is seeded by step and prompt position: only the global torch RNG is reseeded
             print0(f"resume: {len(checkpoint['rng'])} ranks saved RNG states, {world} now: reseeding", rank=rank)
         print0(f"resumed from {resume_path} at step {start_step}", rank=rank)
     elif args.resume == "latest":
@@ -486,7 +502,7 @@ def main(args):
         if rank == 0 and start_step else []  # earlier evaluations of a resumed run, for the plot
 
     def checkpoint_now(step):
-        states = [dict(torch=torch.get_rng_state(), noise=generator.get_state())]
+        states = [dict(torch=torch.get_rng_state())]
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, states[0])
@@ -509,7 +525,8 @@ def main(args):
         t0 = time.time()
         batch = shard_prompts(step, rank, world, prompts, args.prompts_per_step, args.seed)
         # 1-3. Sample with the current policy, score, advantages (per step, or terminal broadcast to all steps).
-        records, (embeds, pooled), log = rollout(batch, ctx, generator)
+        generators = prompt_generators(args.seed, step, rank * len(batch), len(batch), device)
+        records, (embeds, pooled), log = rollout(batch, ctx, generators)
         # 4. Update: PPO-clip over every recorded step, one optimizer step per inner epoch.
         for epoch in range(args.inner_epochs):
             stats = dict(loss=0.0, ratio_dev=0.0, clip_frac=0.0, kl=0.0)
