@@ -3,13 +3,15 @@
 A random-weight pipeline of SD3.5-Medium's transformer shape (the one bench_step_sample.py builds) and a frozen DRM
 over it (m = 3, untrained head) are written to --work once; then `step_grpo.py` itself runs each configuration
 (under torchrun for --gpus > 1) for --iters iterations, and the table is read from its metrics.jsonl. Matched
-candidate counts: step mode scores k = 4 candidates of each of P prompts' shared latents per step, grpo mode runs
-P x group = P x 4 trajectories, so both sample P * 4 latents per step. 512 px, T = 10, LoRA r = 32, bf16,
+candidate counts by default: step mode scores k = 4 candidates of each of P prompts' shared latents per step, grpo
+mode runs P x group = P x 4 trajectories, so both sample P * 4 latents per step (--k, --group change them:
+Flow-GRPO's own group is 24). 512 px, T = 10, LoRA r = 32, bf16,
 gradient checkpointing. The first iteration is a warm-up and is left out of the medians.
 
     python bench/bench_step_grpo.py --out bench/results/step_grpo.json                 # one GPU, ~4 min
     python bench/bench_step_grpo.py --gpus 1,2 --out bench/results/step_grpo_x2.json  # scaling on 2 GPUs
     python bench/bench_step_grpo.py --gpus 1,8 --same-global-batch --iters 10 ...      # loss curves vs 1 GPU
+    python bench/bench_step_grpo.py --gpus 1,2,4,8 --group 24 --prompts 2 ...          # Flow-GRPO's group size
 """
 import argparse
 import json
@@ -69,7 +71,8 @@ def run(config, gpus, args, pipeline_dir, drm_path):
         shutil.rmtree(out)
     launcher = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                      f"--nproc_per_node={gpus}"]
-    flags = ["--model", pipeline_dir, "--drm", drm_path, "--mode", config["mode"], "--k", "4", "--group", "4",
+    flags = ["--model", pipeline_dir, "--drm", drm_path, "--mode", config["mode"], "--k", str(args.k), "--group",
+             str(args.group),
              "--prompts", os.path.join(args.work, "prompts.txt"), "--eval-prompts",
              os.path.join(args.work, "prompts.txt"), "--eval-num", "1", "--eval-steps", "2", "--eval-every", "0",
              "--prompts-per-step", str(global_prompts(config["prompts"], gpus, args)), "--steps", "10",
@@ -83,10 +86,11 @@ def run(config, gpus, args, pipeline_dir, drm_path):
     seconds = [r["seconds"] for r in rows[1:]] or [rows[0]["seconds"]]
     median = statistics.median(seconds)
     prompts = global_prompts(config["prompts"], gpus, args)
-    finals = prompts * (1 if config["mode"] == "step" else 4)
-    tflop = iteration_tflop(config["mode"], prompts, 4, 10)
+    per_prompt = args.k if config["mode"] == "step" else args.group  # candidates per prompt per step
+    finals = prompts * (1 if config["mode"] == "step" else args.group)
+    tflop = iteration_tflop(config["mode"], prompts, per_prompt, 10)
     return dict(mode=config["mode"], gpus=gpus, prompts_per_iter=prompts, final_images_per_iter=finals,
-                candidates_per_step=prompts * 4, median_s_per_iter=round(median, 3), min=round(min(seconds), 3),
+                candidates_per_step=prompts * per_prompt, median_s_per_iter=round(median, 3), min=round(min(seconds), 3),
                 max=round(max(seconds), 3), images_per_s=round(finals / median, 3),
                 prompt_groups_per_s=round(prompts / median, 3), peak_gib=max(r.get("peak_gib", 0) for r in rows),
                 tflops_per_gpu=0.0 if args.tiny else round(tflop / median / gpus, 1), loss=[r["loss"] for r in rows],
@@ -98,6 +102,8 @@ def main():
     p.add_argument("--gpus", default="1", help="GPU counts to run, comma-separated (torchrun for > 1)")
     p.add_argument("--modes", default="step,grpo", help="modes")
     p.add_argument("--prompts", type=int, default=8, help="prompts per GPU per iteration")
+    p.add_argument("--k", type=int, default=4, help="step mode: candidates per prompt per step")
+    p.add_argument("--group", type=int, default=4, help="grpo mode: trajectories per prompt")
     p.add_argument("--same-global-batch", action="store_true", help="--prompts in all, split over the GPUs (for "
                    "comparing loss curves with one GPU) instead of --prompts per GPU")
     p.add_argument("--iters", type=int, default=3, help="iterations per configuration (the first is warm-up)")
@@ -131,7 +137,7 @@ def main():
               f"{r['peak_gib']:>6.1f} {r.get('scaling', float('nan')):>7.2f} "
               f"{r.get('efficiency', float('nan')):>5.2f}")
     meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", tiny=args.tiny,
-                torch=torch.__version__, size=args.size, steps=10, k=4, group=4, lora_rank=32, dtype="bf16",
+                torch=torch.__version__, size=args.size, steps=10, k=args.k, group=args.group, lora_rank=32, dtype="bf16",
                 gradient_checkpointing=True, transformer="SD35_MEDIUM",
                 tflop_note="model FLOPs from ../shared/GPU.md constants: rollout + DRM prefixes + 4x forward update")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
