@@ -267,6 +267,14 @@ def confidence(gap):
     return 1 - math.exp(-abs(gap) / 0.05)
 
 
+def same_prompt_pairs(count, per_prompt):
+    """(a, b), a < b, over the samples of each prompt: samples start .. start + per_prompt - 1 share one prompt."""
+    for start in range(0, count, per_prompt):
+        for a in range(start, start + per_prompt):
+            for b in range(a + 1, start + per_prompt):
+                yield a, b
+
+
 def write_pairs(folder, name, prompts, images, scores, per_prompt):
     """All pairs among the samples of each prompt, winner first; PNGs under folder/images/name/."""
     from PIL import Image
@@ -276,15 +284,13 @@ def write_pairs(folder, name, prompts, images, scores, per_prompt):
         paths.append(f"images/{name}/{i:06d}.png")
         Image.fromarray(img).save(os.path.join(folder, paths[-1]))
     records = []
-    for start in range(0, len(prompts), per_prompt):
-        for a in range(start, start + per_prompt):
-            for b in range(a + 1, start + per_prompt):
-                if scores[a] == scores[b]:
-                    continue
-                win, lose = (a, b) if scores[a] > scores[b] else (b, a)
-                records.append(dict(prompt=prompts[a], path1=paths[win], path2=paths[lose],
-                                    confidence=round(confidence(scores[a] - scores[b]), 4),
-                                    oracle1=round(float(scores[win]), 4), oracle2=round(float(scores[lose]), 4)))
+    for a, b in same_prompt_pairs(len(prompts), per_prompt):
+        if scores[a] == scores[b]:
+            continue
+        win, lose = (a, b) if scores[a] > scores[b] else (b, a)
+        records.append(dict(prompt=prompts[a], path1=paths[win], path2=paths[lose],
+                            confidence=round(confidence(scores[a] - scores[b]), 4),
+                            oracle1=round(float(scores[win]), 4), oracle2=round(float(scores[lose]), 4)))
     with open(os.path.join(folder, f"{name}.json"), "w") as f:
         json.dump(records, f)
     return records, paths
@@ -334,12 +340,10 @@ def deciding_shares(images, prompts, scores, per_prompt):
     the samples: whether pairs turn on differences a model can see."""
     from toy.evaluate import TERMS, deciding_terms
     win, lose = [], []
-    for start in range(0, len(prompts), per_prompt):
-        for a in range(start, start + per_prompt):
-            for b in range(a + 1, start + per_prompt):
-                if abs(scores[a] - scores[b]) >= 0.15:
-                    win.append(a if scores[a] > scores[b] else b)
-                    lose.append(b if scores[a] > scores[b] else a)
+    for a, b in same_prompt_pairs(len(prompts), per_prompt):
+        if abs(scores[a] - scores[b]) >= 0.15:
+            win.append(a if scores[a] > scores[b] else b)
+            lose.append(b if scores[a] > scores[b] else a)
     terms = world.score_terms(images, prompts)
     decided = deciding_terms(terms, np.array(win, dtype=int), np.array(lose, dtype=int))
     return dict(decided_by={t: round(float((decided == t).mean()), 3) for t in TERMS if len(decided)},
