@@ -29,6 +29,14 @@ from bench.bench_step_sample import real_shape_pipeline  # noqa: E402
 
 # FLOPs of one SD3.5-Medium forward at 512 px with 77 + 256 text tokens (../shared/GPU.md): full and 21-block prefix.
 FULL_TFLOP, PREFIX_TFLOP = 2.44, 2.19
+CURVES = ("reward", "reward_chosen", "loss", "grad_norm", "ratio_dev")  # per-iteration series kept in the JSON
+
+
+def curve_gap(row, base):
+    """Largest relative difference, over iterations, of reward and grad norm between a run and the 1-GPU run (only
+    meaningful with --same-global-batch: the same prompts and noise, split differently)."""
+    gaps = [abs(a - b) / max(abs(b), 1e-12) for name in ("reward", "grad_norm") for a, b in zip(row[name], base[name])]
+    return round(max(gaps), 6)
 
 
 def iteration_tflop(mode, prompts, k, steps, cfg=False):
@@ -93,8 +101,8 @@ def run(config, gpus, args, pipeline_dir, drm_path):
                 candidates_per_step=prompts * per_prompt, median_s_per_iter=round(median, 3), min=round(min(seconds), 3),
                 max=round(max(seconds), 3), images_per_s=round(finals / median, 3),
                 prompt_groups_per_s=round(prompts / median, 3), peak_gib=max(r.get("peak_gib", 0) for r in rows),
-                tflops_per_gpu=0.0 if args.tiny else round(tflop / median / gpus, 1), loss=[r["loss"] for r in rows],
-                ratio_dev=[r["ratio_dev"] for r in rows])
+                tflops_per_gpu=0.0 if args.tiny else round(tflop / median / gpus, 1),
+                **{name: [r[name] for r in rows] for name in CURVES})
 
 
 def main():
@@ -128,14 +136,17 @@ def main():
             if base:
                 rows[-1]["scaling"] = round(rows[-1]["images_per_s"] / base["images_per_s"], 3)
                 rows[-1]["efficiency"] = round(rows[-1]["scaling"] / gpus, 3)
-            print({k: v for k, v in rows[-1].items() if k not in ("loss", "ratio_dev")}, flush=True)
+                if args.same_global_batch:
+                    rows[-1]["curve_gap_vs_1gpu"] = curve_gap(rows[-1], base)
+            print({k: v for k, v in rows[-1].items() if k not in CURVES}, flush=True)
     print(f"\n{'mode':>5} {'gpus':>4} {'s/iter':>8} {'min':>7} {'max':>7} {'img/s':>7} {'groups/s':>8} "
           f"{'TFLOP/s/GPU':>11} {'GiB':>6} {'scaling':>7} {'eff.':>5}")
     for r in rows:
         print(f"{r['mode']:>5} {r['gpus']:>4} {r['median_s_per_iter']:>8.3f} {r['min']:>7.3f} {r['max']:>7.3f} "
               f"{r['images_per_s']:>7.3f} {r['prompt_groups_per_s']:>8.3f} {r['tflops_per_gpu']:>11.1f} "
               f"{r['peak_gib']:>6.1f} {r.get('scaling', float('nan')):>7.2f} "
-              f"{r.get('efficiency', float('nan')):>5.2f}")
+              f"{r.get('efficiency', float('nan')):>5.2f}"
+              + (f"  curves within {r['curve_gap_vs_1gpu']:.1e} of 1 GPU" if "curve_gap_vs_1gpu" in r else ""))
     meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", tiny=args.tiny,
                 torch=torch.__version__, size=args.size, steps=10, k=args.k, group=args.group, lora_rank=32, dtype="bf16",
                 gradient_checkpointing=True, transformer="SD35_MEDIUM",
