@@ -11,9 +11,10 @@ The frozen DRM reads the base weights of the generator's own transformer (adapte
 Departures from the paper / Flow-GRPO:
 - Without --cfg-in-loss the policy is the conditional model alone (Flow-GRPO's no-CFG recipe): rollouts, loss and
   evaluation all run at guidance 1 and --guidance is unused. With it, all three use the guided velocity.
-- --reward oracle (toy world only) decodes latents and scores them with toy.world.score (resized to 64 px). In
-  step mode only the last step's candidates (clean latents) are scored by it: intermediate steps get zero advantage
-  and continue from candidate 0 (a random draw). Decoding every step's x0 prediction was judged too costly.
+- --reward oracle (toy world only) decodes latents and scores them with toy.world.score (resized to 64 px). A noisy
+  candidate (step mode) is scored on its one-step prediction of the clean latent, x - sigma * v, v from the base
+  weights (LoRA off, as the frozen DRM reads them): one more transformer forward per candidate, where the DRM would
+  run its prefix. The dense-oracle step mode thus isolates the algorithm from the DRM's errors.
 - --continue defaults to best, untested against random (the paper does not say; measure before trusting it).
 - No micro-batching: each step's policy forward sees all of the rank's latents at that step, as the rollout did,
   so the kernels and hence the log-probs match (ratio 1 at the first inner epoch). Use fewer prompts per rank.
@@ -184,10 +185,23 @@ def drm_scores(latents, timestep, pos, pos_pooled, ctx):
         return ctx["drm"](latents.to(ctx["dtype"]), t, pos, pos_pooled).float()
 
 
+@torch.no_grad()
+def predicted_clean(latents, sigma, pos, pos_pooled, ctx):
+    """One-step prediction of the clean latent from latents at noise level sigma: x - sigma * v (base weights)."""
+    if sigma == 0:
+        return latents
+    with base_weights(ctx["transformer"]), ctx["autocast"]():
+        v = velocity(ctx["transformer"], latents.to(ctx["dtype"]), torch.tensor(1000.0 * sigma, device=latents.device),
+                     pos, pos_pooled, 1.0).float()
+    return latents - sigma * v
+
+
 def rewards_of(latents, timestep, prompts, pos, pos_pooled, ctx):
-    """The training reward (N,): the DRM at `timestep`, or the oracle; prompts / pos / pos_pooled per row."""
+    """The training reward (N,): the DRM at `timestep`, or the oracle on the predicted clean latent; prompts / pos /
+    pos_pooled per row."""
     if ctx["args"].reward == "oracle":
-        return oracle_scores(ctx["pipe"].vae, latents, prompts)
+        clean = predicted_clean(latents, float(timestep) / 1000, pos, pos_pooled, ctx)
+        return oracle_scores(ctx["pipe"].vae, clean, prompts)
     return drm_scores(latents, timestep, pos, pos_pooled, ctx)
 
 
@@ -228,11 +242,8 @@ def rollout(prompts, ctx, generators):
             x = candidates
             continue
         # 2. Score all k candidates at their timestep; 3. local advantages within the k.
-        if args.reward == "drm" or i == args.steps - 1:
-            rewards = rewards_of(candidates, 1000 * sigma_next, [q for q in prompts for _ in range(k)],
-                                 pos.repeat_interleave(k, 0), pos_pooled.repeat_interleave(k, 0), ctx).view(b, k)
-        else:  # oracle in step mode: intermediate steps are not scored (see the docstring)
-            rewards = torch.zeros(b, k, device=device)
+        rewards = rewards_of(candidates, 1000 * sigma_next, [q for q in prompts for _ in range(k)],
+                             pos.repeat_interleave(k, 0), pos_pooled.repeat_interleave(k, 0), ctx).view(b, k)
         records[-1]["adv"] = step_advantages(rewards, args.adv_eps).flatten()  # (B * k,)
         if args.continue_from == "best":
             choice = rewards.argmax(1)

@@ -141,6 +141,46 @@ def test_frozen_drm_reads_the_base_weights_and_lora_trains(tiny_dir, drm_file):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)  # every LoRA matrix gets a gradient
 
 
+def test_oracle_reward_scores_the_base_models_clean_prediction(tiny_dir, monkeypatch):
+    pipe = model.load_pipeline(tiny_dir)
+    trainable = step_grpo.add_lora(pipe.transformer, rank=4, alpha=8)
+    for name, p in pipe.transformer.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
+    x = torch.randn(3, 16, 4, 4, generator=g)
+    embeds = torch.randn(3, 10, TINY_TRANSFORMER["joint_attention_dim"], generator=g)
+    pooled = torch.randn(3, 96, generator=g)
+    sigma = float(torch.rand((), generator=g)) * 0.8 + 0.1
+    with torch.no_grad():
+        v_lora = pipe.transformer(hidden_states=x, timestep=torch.full((3,), 1000 * sigma),
+                                  encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        pipe.transformer.disable_adapters()
+        v_base = pipe.transformer(hidden_states=x, timestep=torch.full((3,), 1000 * sigma),
+                                  encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        pipe.transformer.enable_adapters()
+    assert (v_lora - v_base).abs().max() > 1e-4  # the LoRA changes the policy ...
+    seen = []
+    monkeypatch.setattr(step_grpo, "oracle_scores", lambda vae, latents, prompts: seen.append(latents) or
+                        latents.flatten(1).mean(1))
+    ctx = dict(transformer=pipe.transformer, pipe=pipe, dtype=torch.float32, args=type("A", (), {"reward": "oracle"}),
+               autocast=lambda: torch.autocast("cpu", enabled=False))
+    step_grpo.rewards_of(x, 1000 * sigma, ["a red circle"] * 3, embeds, pooled, ctx)
+    torch.testing.assert_close(seen[-1], x - sigma * v_base)  # ... the oracle scores the base model's prediction
+    step_grpo.rewards_of(x, 0.0, ["a red circle"] * 3, embeds, pooled, ctx)
+    torch.testing.assert_close(seen[-1], x)  # a clean latent is scored as it is
+    assert all(p.requires_grad for p in trainable)
+
+
+def test_step_mode_with_the_dense_oracle(tiny_dir, tmp_path):
+    out = str(tmp_path / "step_oracle")
+    run(["--model", tiny_dir, "--reward", "oracle", "--mode", "step", "--k", "3", "--max-steps", "1", "--out", out,
+         *RUN])
+    rows = metrics(out)
+    assert rows[0]["ratio_dev"] < 1e-4 and 0 <= rows[0]["reward"] <= rows[0]["reward_chosen"] <= 1
+    assert "eval_oracle" in rows[-1]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # End to end
 
