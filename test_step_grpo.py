@@ -428,6 +428,11 @@ def test_compare_speedup_of_a_faster_curve():
     assert fast["final_eval_oracle"] == pytest.approx(np.mean(finals))
     assert fast["first_eval_drm"] == pytest.approx(0.1 + 2 * 3 * rate * 5) and fast["first_steps"] == [5, 5, 5]
     assert not any(fast["reward_hacking"].values())
+    # Another baseline: its own final score is the target, and it is the one with speed-up 1.
+    other = summarize(runs, "step_k2_best")
+    assert other["baseline"] == "step_k2_best" and other["configs"]["step_k2_best"]["speedup_steps"] == 1.0
+    assert other["target_eval_oracle"] > summary["target_eval_oracle"]  # the faster curve got further
+    assert other["configs"]["grpo"]["steps_to_target"] is None
 
 
 def test_compare_reward_hacking_flag():
@@ -461,6 +466,8 @@ def test_compare_bad_inputs(drm_file, tmp_path):
         "--seeds '': give one or more": ["--seeds", ""],
         "--seeds '0,a'": ["--seeds", "0,a"],
         "--extra sets --seed=3": ["--extra", "--lr 1e-3 --seed=3"],
+        "--baseline 'grpo_oracle': not among --configs grpo,step_k2_best": ["--configs", "grpo,step_k2_best",
+                                                                             "--baseline", "grpo_oracle"],
     }
     for message, extra in cases.items():
         with pytest.raises(UserError, match=message.replace("-", r"\-").replace("(", r"\(")):

@@ -7,10 +7,12 @@
        step_k2_best    --mode step --k 2 --continue best     step_k4_best    --mode step --k 4 --continue best
        step_k4_random  --mode step --k 4 --continue random   grpo            --mode grpo --group G (same DRM)
        grpo_oracle     --mode grpo --group G --reward oracle (no DRM: GRPO on the true reward)
+       step_k2_oracle  step_k4_oracle: step mode, --continue best, the oracle on each candidate's clean prediction
+                       (no DRM: dense rewards without the DRM's errors; their baseline is grpo_oracle)
 2. Summarise (OUT/summary.json, a markdown table, OUT/oracle.png and OUT/drm.png with the seed-mean curves):
    per configuration the seed-mean of the first and the final evaluation, with a 95% t-interval over seeds; the
-   speed-up: grpo's steps (and device-seconds) to reach grpo's final oracle score, divided by this
-   configuration's; a reward-hacking flag per run (DRM score up while the oracle's fell by more than 0.02).
+   speed-up: the baseline's steps (and device-seconds) to reach the baseline's final oracle score, divided by this
+   configuration's (baseline: grpo if it runs, else grpo_oracle; --baseline sets it); a reward-hacking flag per run (DRM score up while the oracle's fell by more than 0.02).
 
 Choices to know:
 - step_grpo.py does not evaluate before training: "first" is the evaluation after --eval-every steps, not the
@@ -53,8 +55,9 @@ CONFIGS = {  # name -> its own step_grpo.py flags (the common ones are added in 
     "step_k4_random": ["--mode", "step", "--k", "4", "--continue", "random"],
     "grpo": ["--mode", "grpo"],
     "grpo_oracle": ["--mode", "grpo", "--reward", "oracle"],
+    "step_k2_oracle": ["--mode", "step", "--k", "2", "--continue", "best", "--reward", "oracle"],
+    "step_k4_oracle": ["--mode", "step", "--k", "4", "--continue", "best", "--reward", "oracle"],
 }
-BASELINE = "grpo"
 HACKING_ORACLE_DROP = 0.02  # the oracle's fall (first to last evaluation) that counts as real, not noise
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 SET_PER_RUN = ("--out", "--seed", "--max-minutes", "--eval-every", "--resume", "--mode", "--k", "--continue",
@@ -71,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--group", type=int, default=4, help="grpo configurations: trajectories per prompt (4 samples "
                                                         "as many latents per prompt as k = 4)")
+    p.add_argument("--baseline", default="", help="the configuration whose final oracle score is the target of the "
+                   "speed-ups (default: grpo if it runs, else grpo_oracle)")
     p.add_argument("--eval-every", type=int, default=5, help="evaluate every N steps: the points of the curves")
     p.add_argument("--extra", default="", help="more step_grpo.py flags for every run, one quoted string, e.g. "
                                                "\"--prompts-per-step 16 --lr 1e-4\"")
@@ -82,7 +87,7 @@ def needs_drm(name):
 
 
 def check_args(args):
-    """-> (configurations, seeds, extra flags), or one UserError naming the flag."""
+    """-> (configurations, seeds, extra flags, baseline), or one UserError naming the flag."""
     if not args.minutes > 0:
         raise UserError(f"--minutes {args.minutes}: must be > 0 (step_grpo.py reads 0 as no time limit)")
     try:
@@ -96,6 +101,9 @@ def check_args(args):
     if unknown or not configs:
         raise UserError(f"--configs {args.configs!r}: unknown configuration {', '.join(unknown) or '(none given)'}; "
                         f"choose from {', '.join(CONFIGS)}")
+    baseline = args.baseline or ("grpo" if "grpo" in configs else "grpo_oracle")
+    if args.baseline and baseline not in configs:
+        raise UserError(f"--baseline {baseline!r}: not among --configs {','.join(configs)}")
     scored_by_drm = [c for c in configs if needs_drm(c)]
     if scored_by_drm and not os.path.isfile(args.drm):
         raise UserError(f"--drm {args.drm!r}: no such file, and {', '.join(scored_by_drm)} train on the DRM (python "
@@ -111,7 +119,7 @@ def check_args(args):
     for flag in extra:
         if flag.split("=")[0] in SET_PER_RUN:
             raise UserError(f"--extra sets {flag}, which this driver sets per run ({', '.join(SET_PER_RUN)})")
-    return configs, seeds, extra
+    return configs, seeds, extra, baseline
 
 
 def run_flags(name, seed, run_dir, args, extra):
@@ -207,10 +215,10 @@ def reward_hacked(rows):
         -HACKING_ORACLE_DROP
 
 
-def summarize(runs):
+def summarize(runs, baseline_name="grpo"):
     """runs: {configuration: {seed: evaluation rows}} -> the summary (summary.json's layout)."""
     curves = {name: mean_curve(list(by_seed.values()), "eval_oracle") for name, by_seed in runs.items()}
-    baseline = curves.get(BASELINE)
+    baseline = curves.get(baseline_name)
     target = baseline[-1]["eval_oracle"] if baseline else None
     base_hit = first_reaching(baseline, "eval_oracle", target) if baseline else None
     configs = {}
@@ -228,8 +236,8 @@ def summarize(runs):
         entry["speedup_seconds"] = base_hit[1] / hit[1] if hit and hit[1] > 0 else None
         entry["reward_hacking"] = {str(seed): reward_hacked(rows) for seed, rows in by_seed.items()}
         configs[name] = entry
-    return dict(target_eval_oracle=target, target_step=base_hit[0] if base_hit else None, configs=configs,
-                curves=curves)
+    return dict(baseline=baseline_name, target_eval_oracle=target, target_step=base_hit[0] if base_hit else None,
+                configs=configs, curves=curves)
 
 
 def markdown_table(summary):
@@ -258,7 +266,7 @@ def markdown_table(summary):
 
 def main(argv=None):
     args = parse_args(argv)
-    configs, seeds, extra = check_args(args)
+    configs, seeds, extra, baseline = check_args(args)
     out = os.path.abspath(args.out)
     plan = [(name, seed, os.path.join(out, f"{name}_s{seed}")) for seed in seeds for name in configs]
     flags = {run_dir: run_flags(name, seed, run_dir, args, extra) for name, seed, run_dir in plan}
@@ -281,15 +289,15 @@ def main(argv=None):
     # 2. Summarise: table, summary.json, seed-mean curves.
     runs = {name: {seed: evaluations(read_metrics(os.path.join(out, f"{name}_s{seed}", "metrics.jsonl")))
                    for seed in seeds} for name in configs}
-    summary = summarize(runs)
+    summary = summarize(runs, baseline)
     summary.update(minutes=args.minutes, eval_every=args.eval_every, group=args.group, extra=extra)
     with open(os.path.join(out, "summary.json.tmp"), "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
     print(markdown_table(summary))
     if summary["target_eval_oracle"] is not None:
-        print(f"target: grpo's seed-mean eval_oracle {summary['target_eval_oracle']:.3f}, reached at step "
-              f"{summary['target_step']}; speed-up = grpo's steps (device-seconds) to it / the configuration's")
+        print(f"target: {baseline}'s seed-mean eval_oracle {summary['target_eval_oracle']:.3f}, reached at step "
+              f"{summary['target_step']}; speed-up = {baseline}'s steps (device-seconds) to it / the configuration's")
     for y, png in (("eval_oracle", "oracle.png"), ("eval_drm", "drm.png")):
         curves = [(name, mean_curve(list(runs[name].values()), y)) for name in configs]
         plot_runs([(name, curve) for name, curve in curves if curve], y, os.path.join(out, png))
