@@ -41,14 +41,14 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import UserError, read_prompts
 from model import LORA_TARGETS, decode_latents, default_sequence_length, load_drm, load_pipeline, sde_step
 from plot import plot_runs, read_metrics
 from reward_train import any_rank_says, print0, rank0_says, setup_distributed, truncate_metrics
-from step_sample import sde_candidates, velocity
+from step_sample import oracle_scores as oracle_of_images
+from step_sample import predicted_clean, sde_candidates, velocity
 
 
 @dataclass
@@ -168,13 +168,8 @@ def base_weights(transformer):
 
 @torch.no_grad()
 def oracle_scores(vae, latents, prompts):
-    """Toy-world oracle (N,) of latents (N, C, h, w): decoded, resized to the oracle's 64 px, in [0, 255]."""
-    from toy.world import score
-    images = decode_latents(vae, latents).float()  # (N, 3, H, W) in [-1, 1]
-    if images.shape[-2:] != (64, 64):
-        images = F.interpolate(images, size=(64, 64), mode="bilinear", antialias=True)
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).cpu().numpy()  # (N, 64, 64, 3)
-    return torch.tensor(score(pixels, prompts), dtype=torch.float32, device=latents.device)
+    """Toy-world oracle (N,) of latents (N, C, h, w): decoded, then step_sample.oracle_scores (64 px, uint8)."""
+    return oracle_of_images(decode_latents(vae, latents), prompts)
 
 
 @torch.no_grad()
@@ -186,21 +181,17 @@ def drm_scores(latents, timestep, pos, pos_pooled, ctx):
 
 
 @torch.no_grad()
-def predicted_clean(latents, sigma, pos, pos_pooled, ctx):
+def base_clean_prediction(latents, sigma, pos, pos_pooled, ctx):
     """One-step prediction of the clean latent from latents at noise level sigma: x - sigma * v (base weights)."""
-    if sigma == 0:
-        return latents
     with base_weights(ctx["transformer"]), ctx["autocast"]():
-        v = velocity(ctx["transformer"], latents.to(ctx["dtype"]), torch.tensor(1000.0 * sigma, device=latents.device),
-                     pos, pos_pooled, 1.0).float()
-    return latents - sigma * v
+        return predicted_clean(ctx["transformer"], latents.to(ctx["dtype"]), sigma, pos, pos_pooled).float()
 
 
 def rewards_of(latents, timestep, prompts, pos, pos_pooled, ctx):
     """The training reward (N,): the DRM at `timestep`, or the oracle on the predicted clean latent; prompts / pos /
     pos_pooled per row."""
     if ctx["args"].reward == "oracle":
-        clean = predicted_clean(latents, float(timestep) / 1000, pos, pos_pooled, ctx)
+        clean = base_clean_prediction(latents, float(timestep) / 1000, pos, pos_pooled, ctx)
         return oracle_scores(ctx["pipe"].vae, clean, prompts)
     return drm_scores(latents, timestep, pos, pos_pooled, ctx)
 

@@ -4,6 +4,10 @@ At each denoising step, from the current latent draw k candidates of Flow-GRPO's
 score all k with the DRM at their own timestep (1000 * sigma_next), keep the best, continue. k = 1 is plain SDE
 sampling; k = 1 with --noise-level 0 is the Euler ODE sampler of diffusers' StableDiffusion3Pipeline, image for
 image. --best-of-n N is the baseline: N whole trajectories (k = 1) per prompt, the DRM picks the best final image.
+--scorer oracle (toy world only) lets the exact oracle choose instead of the DRM: a candidate at noise level sigma
+is scored on the one-step prediction of its clean latent, x - sigma * v (conditional velocity), decoded: what a
+perfect reward model would give the same algorithm (its upper bound), at one extra transformer forward per
+candidate.
 
 Departures from the paper: when the DRM is frozen over the generator's own transformer (one copy in memory) and
 uses the same prompt embeddings, the chosen candidate's prefix activations are exactly what the next step's
@@ -21,6 +25,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -33,6 +38,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="toy/assets/pipeline", help="SD3/SD3.5 diffusers folder")
     p.add_argument("--drm", default="", help="DRM checkpoint (needed for k > 1 and --best-of-n)")
+    p.add_argument("--scorer", default="drm", choices=("drm", "oracle"), help="who chooses: the DRM, or (toy "
+                   "prompts only) the toy oracle on each candidate's predicted clean image")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
     p.add_argument("--prompts", default="", help="prompt file (.txt one a line, or .jsonl with 'prompt')")
     p.add_argument("--seed", type=int, default=0, help="image i of a prompt uses seed + i")
@@ -95,11 +102,36 @@ def velocity(transformer, x, t, embeds, pooled, guidance, cached=None, first_blo
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
+def predicted_clean(transformer, x, sigma, embeds, pooled):
+    """One-step prediction of the clean latent from x (N, C, h, w) at noise level sigma: x - sigma * v."""
+    if float(sigma) == 0:
+        return x
+    v = velocity(transformer, x, torch.as_tensor(1000 * sigma, device=x.device).float(), embeds, pooled, 1.0)
+    return x - sigma * v.float()
+
+
+def oracle_pixels(images):
+    """Images (B, 3, H, W) in [-1, 1] -> uint8 (B, 64, 64, 3), what the toy oracle scores (resized when the pipeline
+    samples another size)."""
+    from toy.world import SIZE
+    images = images.float()
+    if images.shape[-2:] != (SIZE, SIZE):
+        images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True)
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def oracle_scores(images, prompts):
+    """Toy-world oracle (B,) float32 of images (B, 3, H, W) in [-1, 1], on their device."""
+    from toy.world import score
+    return torch.tensor(score(oracle_pixels(images), prompts), dtype=torch.float32, device=images.device)
+
+
 @torch.no_grad()
 def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_level=0.7, height=512, width=512,
-                branch_steps=None, max_sequence_length=256, reuse=True, return_latents=False):
+                branch_steps=None, max_sequence_length=256, reuse=True, return_latents=False, oracle=False):
     """Images (B, 3, H, W) in [-1, 1] and, per image, the chosen DRM score at each branching step (and the final
-    latents, with return_latents)."""
+    latents, with return_latents). oracle=True: the toy oracle on the candidates' predicted clean images chooses
+    instead of the DRM (drm may be None)."""
     device, dtype, transformer = pipe.transformer.device, pipe.transformer.dtype, pipe.transformer
     b, cfg = len(prompts), guidance > 1
     # 1. Prompt embeddings ([negative; positive] with CFG) and the initial latents, drawn as the pipeline draws them.
@@ -113,7 +145,7 @@ def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_le
     pipe.scheduler.set_timesteps(steps, device=device)
     sigmas = pipe.scheduler.sigmas.float()  # (steps + 1,), from 1 to 0
     start, end = branch_steps or (0, steps)
-    can_reuse = reuse and drm is not None and drm.mode == "frozen" and drm.transformer is transformer
+    can_reuse = reuse and not oracle and drm is not None and drm.mode == "frozen" and drm.transformer is transformer
     cached, history = None, [[] for _ in range(b)]
 
     for i in range(steps):
@@ -131,9 +163,14 @@ def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_le
             continue
         # 4. One batched DRM forward over all B * k candidates at their own timestep; keep the argmax per latent.
         c_embeds, c_pooled = pos.repeat_interleave(k, 0), pos_pooled.repeat_interleave(k, 0)
-        t_next = (1000 * sigma_next).expand(b * k)  # the same float the next step's forward is given
-        hidden, temb, context = drm.prefix(candidates.to(dtype), t_next, c_embeds, c_pooled, return_context=True)
-        scores = drm.score_prefix(hidden, temb, *x.shape[-2:]).view(b, k)  # (B, k)
+        if oracle:
+            clean = predicted_clean(transformer, candidates.to(dtype), sigma_next, c_embeds, c_pooled)
+            scores = oracle_scores(decode_latents(pipe.vae, clean), [q for q in prompts for _ in range(k)])
+            scores = scores.view(b, k)  # (B, k)
+        else:
+            t_next = (1000 * sigma_next).expand(b * k)  # the same float the next step's forward is given
+            hidden, temb, context = drm.prefix(candidates.to(dtype), t_next, c_embeds, c_pooled, return_context=True)
+            scores = drm.score_prefix(hidden, temb, *x.shape[-2:]).view(b, k)  # (B, k)
         x, best_scores = select_best(candidates.view(b, k, *x.shape[1:]), scores)
         for row, score in enumerate(best_scores.tolist()):
             history[row].append(round(score, 5))
@@ -144,8 +181,10 @@ def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_le
     return (images, history, x) if return_latents else (images, history)
 
 
-def final_scores(drm, pipe, prompts, images, max_sequence_length):
-    """Clean-image DRM scores (t = 0, VAE mean) of decoded images in [-1, 1]."""
+def final_scores(drm, pipe, prompts, images, max_sequence_length, oracle=False):
+    """Clean-image DRM scores (t = 0, VAE mean) of decoded images in [-1, 1] (the toy oracle's with oracle=True)."""
+    if oracle:
+        return oracle_scores(images, prompts).tolist()
     embeds, pooled = encode_prompts(pipe, prompts, max_sequence_length)
     return score_images(drm, pipe.vae, images, embeds, pooled).tolist()
 
@@ -154,15 +193,16 @@ BEST_OF_N_SEED_STRIDE = 7919  # best-of-N: trial i of the job with seed s starts
 
 
 @torch.no_grad()
-def best_of_n(pipe, drm, prompts, seeds, n, max_sequence_length=256, **sampling):
-    """The baseline: n plain trajectories (k = 1) per job, trial i from seed + 7919 i; keep the image the DRM scores
-    highest at t = 0 (the earlier one on a tie). -> images (B, 3, H, W), scores [B], per-step histories [B]."""
+def best_of_n(pipe, drm, prompts, seeds, n, max_sequence_length=256, oracle=False, **sampling):
+    """The baseline: n plain trajectories (k = 1) per job, trial i from seed + 7919 i; keep the image the DRM (the
+    toy oracle, with oracle=True) scores highest at t = 0 (the earlier one on a tie). -> images (B, 3, H, W),
+    scores [B], per-step histories [B]."""
     best_images, best_scores, best_history = None, None, None
     for trial in range(n):
         trial_seeds = [s + BEST_OF_N_SEED_STRIDE * trial for s in seeds]
         images, history = step_sample(pipe, drm, prompts, trial_seeds, k=1, max_sequence_length=max_sequence_length,
                                       **sampling)
-        scores = final_scores(drm, pipe, prompts, images, max_sequence_length)
+        scores = final_scores(drm, pipe, prompts, images, max_sequence_length, oracle)
         if best_images is None:
             best_images, best_scores, best_history = images.clone(), list(scores), list(history)
             continue
@@ -184,8 +224,9 @@ def check_args(args):
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.images_per_prompt < 1 or args.batch_size < 1 or args.best_of_n < 0:
         raise UserError("--images-per-prompt and --batch-size must be >= 1, --best-of-n >= 0")
-    if (args.k > 1 or args.best_of_n) and not args.drm:
-        raise UserError("--drm is required for --k > 1 and --best-of-n (the DRM chooses)")
+    if (args.k > 1 or args.best_of_n) and not args.drm and args.scorer == "drm":
+        raise UserError("--drm is required for --k > 1 and --best-of-n (the DRM chooses; or --scorer oracle on toy "
+                        "prompts)")
     if not args.prompt and not args.prompts:
         raise UserError("give --prompt TEXT or --prompts FILE")
     if args.branch_steps:
@@ -208,7 +249,15 @@ def main(args):
     height, width = args.height or default_size, args.width or default_size
     if height % multiple or width % multiple:
         raise UserError(f"--height {height} / --width {width} must be divisible by {multiple} for {args.model}")
-    drm, config = load_drm(args.drm, pipe.transformer) if args.drm else (None, {})
+    oracle = args.scorer == "oracle"
+    if oracle:
+        from toy.world import VocabularyError, parse_prompt
+        try:
+            for prompt in prompts:
+                parse_prompt(prompt)
+        except VocabularyError as e:
+            raise UserError(f"--scorer oracle scores toy-world prompts only: {e}") from None
+    drm, config = load_drm(args.drm, pipe.transformer) if args.drm and not oracle else (None, {})
     if args.compile:
         compile_blocks(pipe.transformer)
     length = args.max_sequence_length or config.get("max_sequence_length", default_sequence_length(pipe))
@@ -221,7 +270,8 @@ def main(args):
     with_grid = args.grid and (args.k > 1 or args.best_of_n > 1)
     runs = [("k", chosen)] + ([("k1", "k=1")] if with_grid else [])
     sampling = dict(steps=args.steps, guidance=args.guidance, noise_level=args.noise_level, height=height,
-                    width=width, branch_steps=branch, max_sequence_length=length, reuse=not args.no_reuse)
+                    width=width, branch_steps=branch, max_sequence_length=length, reuse=not args.no_reuse,
+                    oracle=oracle)
     results, grid = [], {}
     for name, label in runs:
         for start in tqdm(range(0, len(jobs), args.batch_size), desc=label):
@@ -232,7 +282,8 @@ def main(args):
             else:
                 images, history = step_sample(pipe, drm, batch_prompts, seeds, args.k if name == "k" else 1,
                                               **sampling)
-                scores = final_scores(drm, pipe, batch_prompts, images, length) if drm else [None] * len(batch)
+                scores = final_scores(drm, pipe, batch_prompts, images, length, oracle) if drm or oracle \
+                    else [None] * len(batch)
             for row, (prompt, seed) in enumerate(batch):
                 index = start + row
                 path = os.path.join(args.out, f"{name}_{index:05d}.png")
@@ -241,7 +292,7 @@ def main(args):
                     grid.setdefault(index, {})[name] = images[row].cpu()
                 if name == "k":
                     results.append(dict(prompt=prompt, seed=seed, k=1 if args.best_of_n else args.k,
-                                        best_of_n=args.best_of_n or None, drm_score=scores[row],
+                                        best_of_n=args.best_of_n or None, **{f"{args.scorer}_score": scores[row]},
                                         step_scores=history[row], file=path))
     with open(os.path.join(args.out, "results.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)

@@ -116,6 +116,43 @@ def test_selection_keeps_the_best_candidate(pipe, drm_file):
     np.testing.assert_allclose([h[-1] for h in history], s_chosen.numpy(), atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return model.load_pipeline(os.path.join(REPO, "toy", "assets", "pipeline"))
+
+
+def test_oracle_selection_keeps_the_oracles_best(toy_pipe):
+    """--scorer oracle on the shipped toy pipeline, branching only at the last step (sigma_next = 0, where the
+    predicted clean latent is the candidate itself): the chosen image scores at least the k = 1 image (candidate 0)
+    under the oracle, higher on average, and the recorded step score is the final image's oracle score."""
+    from toy import world
+    seed = int(np.random.default_rng().integers(10_000))
+    prompts = list(np.random.default_rng(seed).choice(world.split_prompts()[1], 6))
+    seeds = list(range(seed, seed + 6))
+    kw = dict(steps=6, guidance=4.5, noise_level=0.9, height=64, width=64, max_sequence_length=16,
+              branch_steps=(5, 6), oracle=True)
+    plain, _ = step_sample.step_sample(toy_pipe, None, prompts, seeds, k=1, **kw)
+    chosen, history = step_sample.step_sample(toy_pipe, None, prompts, seeds, k=6, **kw)
+    o_plain, o_chosen = world.score(step_sample.oracle_pixels(plain), prompts), \
+        world.score(step_sample.oracle_pixels(chosen), prompts)
+    assert np.all(o_chosen >= o_plain - 1e-6) and o_chosen.mean() > o_plain.mean()
+    np.testing.assert_allclose([h[-1] for h in history], o_chosen, atol=1e-4)
+
+
+def test_predicted_clean_is_one_euler_step_to_zero(pipe):
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(10_000)))
+    x = torch.randn(2, 16, 4, 4, generator=g)
+    embeds, pooled = torch.randn(2, 10, TINY_TRANSFORMER["joint_attention_dim"], generator=g), torch.randn(2, 96,
+                                                                                                          generator=g)
+    sigma = float(torch.rand((), generator=g))
+    with torch.no_grad():
+        v = pipe.transformer(hidden_states=x, timestep=torch.full((2,), 1000 * sigma), encoder_hidden_states=embeds,
+                             pooled_projections=pooled, return_dict=False)[0]
+        torch.testing.assert_close(step_sample.predicted_clean(pipe.transformer, x, sigma, embeds, pooled),
+                                   x - sigma * v)
+        assert step_sample.predicted_clean(pipe.transformer, x, 0.0, embeds, pooled) is x
+
+
 def run_cli(*args):
     result = subprocess.run([sys.executable, "step_sample.py", *args], cwd=REPO, env=ENV, capture_output=True,
                             text=True, timeout=240)
@@ -159,6 +196,16 @@ def test_cli_bad_input(tiny_dir, drm_file, tmp_path):
     rc, log = run_cli("--model", tiny_dir, "--drm", other_drm, "--prompt", "x", "--k", "2", "--height", "32",
                       "--width", "32")
     assert rc != 0 and "other.safetensors" in log, log[-1000:]
+    rc, log = run_cli("--model", tiny_dir, "--scorer", "oracle", "--prompt", "a photo of a cat", "--k", "2")
+    assert rc == 2 and "toy-world prompts only" in log and "Vocabulary" in log, log[-1000:]
+
+
+def test_cli_oracle_scorer_needs_no_drm(tiny_dir, tmp_path):
+    rc, log = run_cli("--model", tiny_dir, "--scorer", "oracle", "--prompt", "a red circle on the left", "--k", "2",
+                      "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path))
+    assert rc == 0, log[-2000:]
+    rows = [__import__("json").loads(line) for line in open(tmp_path / "results.jsonl")]
+    assert len(rows) == 1 and 0 <= rows[0]["oracle_score"] <= 1 and len(rows[0]["step_scores"]) == 2
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
@@ -211,7 +258,7 @@ def test_compare_sampling_math_on_random_inputs():
         n = cs.matched_n(ratio * seconds_1, seconds_1)
         assert n >= 1 and (abs(n - ratio) <= 0.5 + 1e-9 or (n == 1 and ratio < 1))
     assert [cs.matched_n(r, 1.0) for r in (0.2, 1.49, 2.5, 3.4)] == [1, 1, 3, 3]
-    pixels = cs.oracle_pixels(torch.cat([-torch.ones(1, 3, 32, 32), torch.ones(1, 3, 32, 32)]))
+    pixels = step_sample.oracle_pixels(torch.cat([-torch.ones(1, 3, 32, 32), torch.ones(1, 3, 32, 32)]))
     assert pixels.shape == (2, 64, 64, 3) and pixels.dtype == np.uint8
     assert pixels[0].max() == 0 and pixels[1].min() == 255
 
@@ -272,6 +319,22 @@ def test_compare_sampling_end_to_end(tiny_dir, drm_file, tmp_path):
     assert all(b["drm"] >= a["drm"] for a, b in zip(rows["k1"], rows[best]))
     columns = 2 if best == "k1" else 3  # k1, k2 and its best-of-N
     assert Image.open(out / "grid.png").size == (columns * 96, 14 + 4 * (96 + 14) + 2)
+
+
+def test_compare_sampling_with_the_oracle_as_scorer(tmp_path):
+    import json
+    out = tmp_path / "oracle"
+    rc, log = run_compare_sampling("--scorer", "oracle", "--prompts", "2", "--seeds", "2", "--ks", "1,3", "--steps",
+                                   "3", "--out", str(out))
+    assert rc == 0, log[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scorer"] == "oracle" and all(e["drm_mean"] is None for e in summary["configs"].values())
+    best = summary["matched"]["k3"]
+    rows = {name: [json.loads(line) for line in open(out / "images" / name / "results.jsonl")]
+            for name in ("k1", best)}
+    # best-of-N's trial 0 is the k = 1 image and the oracle chooses: never worse, job by job
+    assert all(b["oracle"] >= a["oracle"] - 1e-6 for a, b in zip(rows["k1"], rows[best]))
+    assert "| k3 |" in log and (out / "grid.png").exists()
 
 
 def test_compare_sampling_bad_input(tiny_dir, drm_file, tmp_path):

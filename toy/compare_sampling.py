@@ -1,6 +1,8 @@
 """Does Step-wise Sampling beat plain sampling, and best-of-N at the same wall time? The toy-world check of PAPER.md
 section 4's claim (SD3.5-M: k = 6 lifts ImageReward 1.01 -> 1.15 at 3.4x the time of k = 1, diversity kept), with
-the toy oracle as the true reward.
+the toy oracle as the true reward. --scorer oracle lets the oracle itself choose (step-wise: on each candidate's
+predicted clean image; best-of-N: on the final images): the same algorithms with a perfect reward model, their upper
+bound; no DRM is needed then and the DRM column is empty.
 
 1. Jobs: the first --prompts held-out toy prompts (toy.world.split_prompts()[1], in order) x --seeds seeds, seed j
    of a prompt being j: 128 x 2 = 256 jobs by default.
@@ -32,6 +34,7 @@ Choices to know:
     python -m toy.compare_sampling --drm runs/toy/drm_frozen/drm.safetensors --out runs/compare_sampling
     python -m toy.compare_sampling --drm runs/toy/drm_frozen/drm.safetensors --prompts 32 --ks 1,4 --steps 20 \\
         --out runs/compare_sampling_quick
+    python -m toy.compare_sampling --scorer oracle --out runs/compare_sampling_oracle
 """
 import argparse
 import json
@@ -42,7 +45,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -50,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data import UserError  # noqa: E402
 from model import default_sequence_length, load_drm, load_pipeline  # noqa: E402
-from step_sample import best_of_n, final_scores, save_png, step_sample  # noqa: E402
+from step_sample import best_of_n, final_scores, oracle_pixels, save_png, step_sample  # noqa: E402
 from toy import world  # noqa: E402
 
 BASELINE = "k1"
@@ -61,6 +63,8 @@ Z95 = 1.96
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--drm", default="", help="DRM checkpoint over the pipeline's transformer")
+    p.add_argument("--scorer", default="drm", choices=("drm", "oracle"), help="who chooses the candidates and "
+                   "best-of-N's image: the DRM, or the oracle (an upper bound; no --drm needed)")
     p.add_argument("--out", default="runs/compare_sampling", help="output folder: summary.json, grid.png, images/")
     p.add_argument("--pipeline", default="toy/assets/pipeline", help="toy pipeline folder")
     p.add_argument("--prompts", type=int, default=128, help="the first N held-out toy prompts")
@@ -75,7 +79,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """-> the k values (distinct, sorted, 1 included), or one UserError naming the flag."""
-    if not os.path.isfile(args.drm):
+    if args.scorer == "drm" and not os.path.isfile(args.drm):
         raise UserError(f"--drm {args.drm!r}: no such file (python -m toy.build writes "
                         f"runs/toy/drm_frozen/drm.safetensors)")
     held_out = len(world.split_prompts()[1])
@@ -138,15 +142,6 @@ def matched_n(seconds_k, seconds_1):
     return max(1, math.floor(seconds_k / seconds_1 + 0.5))
 
 
-def oracle_pixels(images):
-    """Images (B, 3, H, W) in [-1, 1] -> uint8 (B, 64, 64, 3), what the oracle scores (resized as
-    step_grpo.oracle_scores does when the pipeline samples another size)."""
-    images = images.float()
-    if images.shape[-2:] != (world.SIZE, world.SIZE):
-        images = F.interpolate(images, size=(world.SIZE, world.SIZE), mode="bilinear", antialias=True)
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling
 
@@ -160,7 +155,9 @@ def run_config(name, jobs, pipe, drm, args, length, size, k=1, noise_level=0.7, 
     images as they come. -> dict(prompts, seeds, oracle (J,), drm (J,), pixels (J, 64, 64, 3), seconds_per_image)."""
     folder = os.path.join(args.out, "images", name)
     os.makedirs(folder, exist_ok=True)
-    sampling = dict(steps=args.steps, guidance=args.guidance, noise_level=noise_level, height=size, width=size)
+    by_oracle = args.scorer == "oracle"
+    sampling = dict(steps=args.steps, guidance=args.guidance, noise_level=noise_level, height=size, width=size,
+                    oracle=by_oracle)
     seconds, oracle, drm_values, pixels, rows = 0.0, [], [], [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc=name):
         batch = jobs[start:start + args.batch_size]
@@ -173,7 +170,9 @@ def run_config(name, jobs, pipe, drm, args, length, size, k=1, noise_level=0.7, 
             images, _ = step_sample(pipe, drm, prompts, seeds, k=k, max_sequence_length=length, **sampling)
         synchronize()
         seconds += time.perf_counter() - began
-        if not num_trials:  # the report's DRM score, outside the timing: only best-of-N needs it to sample
+        if by_oracle:  # no DRM: its column stays empty
+            scores = [float("nan")] * len(batch)
+        elif not num_trials:  # the report's DRM score, outside the timing: only best-of-N needs it to sample
             scores = final_scores(drm, pipe, prompts, images, length)
         batch_pixels = oracle_pixels(images)  # (B, 64, 64, 3)
         batch_oracle = world.score(batch_pixels, prompts)
@@ -206,7 +205,7 @@ def summarize(results, matched, seeds):
         diff, diff_low, diff_high = paired_difference(res["oracle"], results[BASELINE]["oracle"])
         entry = dict(k=res["k"], noise_level=res["noise_level"], best_of_n=res["best_of_n"], jobs=len(res["oracle"]),
                      oracle_mean=r(mean), oracle_ci95=[r(low), r(high)], oracle_vs_k1=r(diff),
-                     oracle_vs_k1_ci95=[r(diff_low), r(diff_high)], drm_mean=r(float(res["drm"].mean())),
+                     oracle_vs_k1_ci95=[r(diff_low), r(diff_high)], drm_mean=None if np.isnan(res["drm"]).all() else r(float(res["drm"].mean())),
                      seconds_per_image=r(res["seconds_per_image"], 5), diversity=r(diversity(res["pixels"], seeds)))
         if name in matched:
             entry["matched_best_of_n"] = matched[name]
@@ -250,7 +249,8 @@ def grid_sheet(results, columns, count, path):
         for i in range(count):
             top = header + i * (cell + caption)
             sheet.paste(Image.fromarray(res["pixels"][i]).resize((cell, cell), Image.NEAREST), (c * cell, top))
-            draw.text((c * cell + 2, top + cell), f"o={res['oracle'][i]:.2f} d={res['drm'][i]:+.2f}", fill="black")
+            drm = "" if np.isnan(res["drm"][i]) else f" d={res['drm'][i]:+.2f}"
+            draw.text((c * cell + 2, top + cell), f"o={res['oracle'][i]:.2f}{drm}", fill="black")
             if c == 0:
                 draw.text((2, top + 2), f"{res['prompts'][i][:30]} s{res['seeds'][i]}", fill="black")
     sheet.save(path)
@@ -266,7 +266,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe = load_pipeline(args.pipeline, dtype=dtype, device=device)
-    drm, config = load_drm(args.drm, pipe.transformer)
+    drm, config = load_drm(args.drm, pipe.transformer) if args.scorer == "drm" else (None, {})
     length = config.get("max_sequence_length", default_sequence_length(pipe))
     size = pipe.default_sample_size * pipe.vae_scale_factor
     os.makedirs(args.out, exist_ok=True)
@@ -276,8 +276,8 @@ def main(argv=None):
     warm = jobs[:args.batch_size]
     images, _ = step_sample(pipe, drm, [p for p, _ in warm], [s for _, s in warm], k=ks[-1], steps=min(2, args.steps),
                             guidance=args.guidance, noise_level=args.noise_level, height=size, width=size,
-                            max_sequence_length=length)
-    final_scores(drm, pipe, [p for p, _ in warm], images, length)
+                            max_sequence_length=length, oracle=args.scorer == "oracle")
+    final_scores(drm, pipe, [p for p, _ in warm], images, length, oracle=args.scorer == "oracle")
 
     # 1. Step-wise sampling at every k (k = 1: plain SDE sampling), and the Euler ODE sampler.
     results = {"ode": run("ode", k=1, noise_level=0.0)}
@@ -295,7 +295,7 @@ def main(argv=None):
 
     # 3. Report: summary.json, the table, grid.png.
     configs = summarize(results, matched, args.seeds)
-    summary = dict(pipeline=args.pipeline, drm=args.drm, prompts=args.prompts, seeds=args.seeds, jobs=len(jobs),
+    summary = dict(pipeline=args.pipeline, scorer=args.scorer, drm=args.drm, prompts=args.prompts, seeds=args.seeds, jobs=len(jobs),
                    ks=ks, steps=args.steps, guidance=args.guidance, noise_level=args.noise_level,
                    batch_size=args.batch_size, image_size=size, max_sequence_length=length,
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", matched=matched,
