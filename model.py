@@ -1,5 +1,6 @@
 """The DRM (PAPER.md section 1): a reward head over a frozen prefix of the SD3.5 transformer, plus the shared
-parts every stage needs: loading an SD3 pipeline folder, prompt and image encoding, and Flow-GRPO's SDE step.
+parts every stage needs: loading an SD3 pipeline folder, prompt and image encoding, Flow-GRPO's SDE step, and
+the policy's LoRA (added with peft, saved in diffusers' format).
 
 The DRM runs the first N - m blocks of `SD3Transformer2DModel`, then the transformer's norm_out and proj_out,
 unpatchifies to a (B, 16, h, w) map and applies the ConvGN head `reward_output`. Its state_dict follows the
@@ -248,6 +249,40 @@ def score_images(drm, vae, pixels, prompt_embeds, pooled_prompt_embeds):
     """Clean-image score: VAE mean latent at timestep 0, so the same image always gets the same score."""
     latents = encode_images(vae, pixels).to(prompt_embeds.dtype)
     return drm(latents, torch.zeros(len(latents), device=latents.device), prompt_embeds, pooled_prompt_embeds)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The policy's LoRA (step_grpo.py)
+
+def add_lora(transformer, rank, alpha):
+    """Flow-GRPO's LoRA: r=32, alpha=64 on the attention projections (both streams, both attentions)."""
+    from peft import LoraConfig
+    # The last block's context queries only feed its discarded context output: no gradient could reach them
+    # (and DDP requires every trained parameter to get one).
+    # A regex (peft full-matches it), not exclude_modules: diffusers' loader would warn that nothing was excluded.
+    last = len(transformer.transformer_blocks) - 1
+    targets = "|".join(t.replace(".", r"\.") for t in LORA_TARGETS)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=(
+        rf"(?!transformer_blocks\.{last}\.attn\.add_q_proj$).*\.({targets})")))
+    for name, param in transformer.named_parameters():
+        param.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            param.data = param.data.float()  # trained in fp32 over a bf16 base
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def save_lora(transformer, out_dir):
+    """diffusers' own layout; the peft config travels as metadata so load_lora_weights gets alpha right."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+    tmp = out_dir + ".tmp"
+    StableDiffusion3Pipeline.save_lora_weights(
+        tmp, transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import UserError, read_prompts
-from model import LORA_TARGETS, decode_latents, default_sequence_length, load_drm, load_pipeline, sde_step
+from model import add_lora, decode_latents, default_sequence_length, load_drm, load_pipeline, save_lora, sde_step
 from plot import plot_runs, read_metrics
 from reward_train import any_rank_says, print0, rank0_says, setup_distributed, truncate_metrics
 from step_sample import oracle_scores as oracle_of_images
@@ -307,38 +307,7 @@ def evaluate(prompts, ctx, rank, world):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# LoRA, checkpoints, input checks
-
-def add_lora(transformer, rank, alpha):
-    """Flow-GRPO's LoRA: r=32, alpha=64 on the attention projections (both streams, both attentions)."""
-    from peft import LoraConfig
-    # The last block's context queries only feed its discarded context output: no gradient could reach them
-    # (and DDP requires every trained parameter to get one).
-    # A regex (peft full-matches it), not exclude_modules: diffusers' loader would warn that nothing was excluded.
-    last = len(transformer.transformer_blocks) - 1
-    targets = "|".join(t.replace(".", r"\.") for t in LORA_TARGETS)
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=(
-        rf"(?!transformer_blocks\.{last}\.attn\.add_q_proj$).*\.({targets})")))
-    for name, param in transformer.named_parameters():
-        param.requires_grad_("lora_" in name)
-        if "lora_" in name:
-            param.data = param.data.float()  # trained in fp32 over a bf16 base
-    return [p for p in transformer.parameters() if p.requires_grad]
-
-
-def save_lora(transformer, out_dir):
-    """diffusers' own layout; the peft config travels as metadata so load_lora_weights gets alpha right."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
-    tmp = out_dir + ".tmp"
-    StableDiffusion3Pipeline.save_lora_weights(
-        tmp, transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    os.rmdir(tmp)
-
+# EMA, prompt sharding, input checks
 
 @torch.no_grad()
 def ema_update(ema, params, decay):
