@@ -98,7 +98,8 @@ def run(config, gpus, args, pipeline_dir, drm_path):
     finals = prompts * (1 if config["mode"] == "step" else args.group)
     tflop = iteration_tflop(config["mode"], prompts, per_prompt, 10)
     return dict(mode=config["mode"], gpus=gpus, prompts_per_iter=prompts, final_images_per_iter=finals,
-                candidates_per_step=prompts * per_prompt, median_s_per_iter=round(median, 3), min=round(min(seconds), 3),
+                candidates_per_step=prompts * per_prompt, median_s_per_iter=round(median, 3),
+                min=round(min(seconds), 3),
                 max=round(max(seconds), 3), images_per_s=round(finals / median, 3),
                 prompt_groups_per_s=round(prompts / median, 3), peak_gib=max(r.get("peak_gib", 0) for r in rows),
                 tflops_per_gpu=0.0 if args.tiny else round(tflop / median / gpus, 1),
@@ -148,7 +149,8 @@ def main():
               f"{r.get('efficiency', float('nan')):>5.2f}"
               + (f"  curves within {r['curve_gap_vs_1gpu']:.1e} of 1 GPU" if "curve_gap_vs_1gpu" in r else ""))
     meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", tiny=args.tiny,
-                torch=torch.__version__, size=args.size, steps=10, k=args.k, group=args.group, lora_rank=32, dtype="bf16",
+                torch=torch.__version__, size=args.size, steps=10, k=args.k, group=args.group, lora_rank=32,
+                dtype="bf16",
                 gradient_checkpointing=True, transformer="SD35_MEDIUM",
                 tflop_note="model FLOPs from ../shared/GPU.md constants: rollout + DRM prefixes + 4x forward update")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -12,7 +12,8 @@
 2. Summarise (OUT/summary.json, a markdown table, OUT/oracle.png and OUT/drm.png with the seed-mean curves):
    per configuration the seed-mean of the first and the final evaluation, with a 95% t-interval over seeds; the
    speed-up: the baseline's steps (and device-seconds) to reach the baseline's final oracle score, divided by this
-   configuration's (baseline: grpo if it runs, else grpo_oracle; --baseline sets it); a reward-hacking flag per run (DRM score up while the oracle's fell by more than 0.02).
+   configuration's (baseline: grpo if it runs, else grpo_oracle; --baseline sets it); a reward-hacking flag per
+   run (DRM score up while the oracle's fell by more than 0.02).
 
 Choices to know:
 - step_grpo.py does not evaluate before training: "first" is the evaluation after --eval-every steps, not the

@@ -205,7 +205,8 @@ def summarize(results, matched, seeds):
         diff, diff_low, diff_high = paired_difference(res["oracle"], results[BASELINE]["oracle"])
         entry = dict(k=res["k"], noise_level=res["noise_level"], best_of_n=res["best_of_n"], jobs=len(res["oracle"]),
                      oracle_mean=r(mean), oracle_ci95=[r(low), r(high)], oracle_vs_k1=r(diff),
-                     oracle_vs_k1_ci95=[r(diff_low), r(diff_high)], drm_mean=None if np.isnan(res["drm"]).all() else r(float(res["drm"].mean())),
+                     oracle_vs_k1_ci95=[r(diff_low), r(diff_high)],
+                     drm_mean=None if np.isnan(res["drm"]).all() else r(float(res["drm"].mean())),
                      seconds_per_image=r(res["seconds_per_image"], 5), diversity=r(diversity(res["pixels"], seeds)))
         if name in matched:
             entry["matched_best_of_n"] = matched[name]
@@ -295,7 +296,8 @@ def main(argv=None):
 
     # 3. Report: summary.json, the table, grid.png.
     configs = summarize(results, matched, args.seeds)
-    summary = dict(pipeline=args.pipeline, scorer=args.scorer, drm=args.drm, prompts=args.prompts, seeds=args.seeds, jobs=len(jobs),
+    summary = dict(pipeline=args.pipeline, scorer=args.scorer, drm=args.drm, prompts=args.prompts, seeds=args.seeds,
+                   jobs=len(jobs),
                    ks=ks, steps=args.steps, guidance=args.guidance, noise_level=args.noise_level,
                    batch_size=args.batch_size, image_size=size, max_sequence_length=length,
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", matched=matched,
