@@ -12,7 +12,7 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from toy import world
 
@@ -209,6 +209,77 @@ def test_degradations_do_what_they_say(seed):
     assert world.score_terms([swapped], [pair.replace("above", "below")])["placement"][0] > 0.85
     moved = world.degrade(img, "move", rng, 1.0, prompt=single)
     assert world.score_terms([moved], [single])["placement"][0] < 0.3
+
+
+def _blob(kind, colour, rng):
+    """A single object of about a clean render's size at a random place near the centre, drawn at 4x and box-filtered
+    like `world.render`, as one of: a clean disc / square / triangle, an oval, a rectangle, a disc with a notch cut
+    out, a square with pinched (concave) sides."""
+    scale, size = 4, world.SIZE
+    big = Image.new("RGB", (size * scale,) * 2, tuple(int(v) for v in world.BACKGROUND))
+    draw = ImageDraw.Draw(big)
+    r = world.RADIUS[1] * size * scale * rng.uniform(0.9, 1.1)
+    x, y = (0.5 + rng.uniform(-0.05, 0.05, 2)) * size * scale
+    ink, bg = world.COLOURS[colour], tuple(int(v) for v in world.BACKGROUND)
+    stretch = rng.uniform(1.3, 1.5)
+    if kind in ("circle", "notched"):
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=ink)
+        if kind == "notched":  # a wedge of 60-90 degrees cut out, pointing a random way
+            start = rng.uniform(0, 360)
+            draw.pieslice((x - r, y - r, x + r, y + r), start, start + rng.uniform(60, 90), fill=bg)
+    elif kind == "oval":
+        draw.ellipse((x - r * stretch, y - r / stretch, x + r * stretch, y + r / stretch), fill=ink)
+    elif kind in ("square", "rectangle", "pinched"):
+        h = 0.9 * r
+        if kind == "rectangle":
+            draw.rectangle((x - h * stretch, y - h / stretch, x + h * stretch, y + h / stretch), fill=ink)
+        else:
+            draw.rectangle((x - h, y - h, x + h, y + h), fill=ink)
+        if kind == "pinched":  # each side pushed in by a quarter of the half size at its middle
+            for dx, dy in ((0, -1), (0, 1), (-1, 0), (1, 0)):
+                mx, my, e = x + dx * h, y + dy * h, 0.5 * h
+                draw.ellipse((mx - e, my - e, mx + e, my + e), fill=bg)
+    else:  # triangle
+        draw.polygon([(x, y - 4 * r / 3), (x - r, y + 2 * r / 3), (x + r, y + 2 * r / 3)], fill=ink)
+    return big.resize((size, size), Image.BOX)
+
+
+def test_shape_term_agrees_with_the_eye(seed):
+    """A clean shape gets full marks under its own name and none under the others'; an oval is no circle, a
+    rectangle no square, and a notched disc or a square with pinched sides is a worse circle / square than a clean
+    one (the shape term and the score both lower), while presence, purity and sharpness stay put."""
+    rng = np.random.default_rng(seed)
+    colours = [list(world.COLOURS)[i] for i in rng.integers(len(world.COLOURS), size=24)]
+    name = lambda colour, shape: f"{'an' if colour == 'orange' else 'a'} {colour} {shape}"  # noqa: E731
+    terms = lambda kind, shape: world.score_terms([_blob(kind, c, rng) for c in colours],  # noqa: E731
+                                                  [name(c, shape) for c in colours])
+    for drawn in world.SHAPES:
+        assert np.all(terms(drawn, drawn)["shape"] > 0.9), drawn
+        for named in set(world.SHAPES) - {drawn}:
+            assert np.all(terms(drawn, named)["shape"] == 0), (drawn, named)
+    for bad, shape in (("oval", "circle"), ("rectangle", "square"), ("notched", "circle"), ("pinched", "square")):
+        clean, worse = terms(shape, shape), terms(bad, shape)
+        assert np.all(worse["shape"] < clean["shape"] - 0.3), (bad, worse["shape"])
+        assert np.all(worse["purity"] > 0.99) and np.all(worse["sharpness"] > 0.9), bad
+
+
+def test_one_object_missing_of_two_is_no_scene(seed):
+    """Presence is a product over the objects: erase either object of a two-object render and the score is 0; erase
+    half of one and presence is that object's alone: 0.5 / PRESENCE_SHARE ~ 0.59 (the mean over the two would be ~0.8)."""
+    prompts, images, rng = random_scenes(seed, 90)
+    prompts, images = prompts[60:], images[60:]  # the two-object third
+    for erased in (0, 1):
+        gone = []
+        for prompt, image in zip(prompts, images):
+            colour = world.parse_prompt(prompt)["objects"][erased][0]
+            a = np.asarray(image, np.float32)
+            nearest, ink, _ = world._decompose(a)
+            k = list(world.COLOURS).index(colour)
+            gone.append(world._to_image(a - (ink * (nearest == k))[..., None] * world._INK_DIRECTION[k]))
+        assert np.all(world.score(gone, prompts) == 0), erased
+    half = world.score_terms([world.degrade(im, "drop", rng, 0.5, prompt=p) for im, p in zip(images, prompts)],
+                             prompts)["presence"]
+    assert np.all((half > 0.45) & (half < 0.72)), np.round(half, 2)
 
 
 def test_extra_object_or_blank_image_scores_low(seed):

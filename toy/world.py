@@ -29,10 +29,14 @@ whose background-to-colour line passes nearest; a lookup table over RGB quantise
 the ink (t ramped from 0.1 to 0.9, gated off by a residual from INK_GATE[0] to INK_GATE[1]: an off-palette pixel is no
 object's) and the residual. `score(images, prompts)` in [0, 1] is sqrt(fidelity * quality); `score_terms` gives
 every term as (N,) arrays in [0, 1]:
-    presence    mean over the named objects of min(1, ink of the object's colour / (PRESENCE_SHARE * the area a
-                clean render of it has))
-    shape       presence-weighted mean over the objects of the shape match: solid area / extent box is FILL[shape]
-                (pi/4 circle, 1 square, 0.58 triangle); 1 within SHAPE_TOLERANCE[0] of it, 0 from SHAPE_TOLERANCE[1]
+    presence    product over the named objects of min(1, ink of the object's colour / (PRESENCE_SHARE * the area a
+                clean render of it has)): one object missing of two is no scene at all
+    shape       presence-weighted mean over the objects of the shape match: the overlap (IoU) of the object's solid
+                ink with the named shape (a disc, a square, an apex-up triangle as wide as high) centred in its
+                extent box and inscribed in a square of the box's area; 0 up to SHAPE_BAND[shape][0], 1 from
+                SHAPE_BAND[shape][1]. Clean renders overlap their own shape by >= 0.81 (triangle) / 0.95 (circle,
+                square) and the others' by <= 0.81 / 0.60; an oval, a rectangle, a notched, egg-shaped or pinched
+                blob overlaps less than a clean one
     purity      the share of all ink that is in the named colours (a recoloured or extra object lowers it)
     placement   from the objects' ink centroids. unpositioned: 1 - (distance from the centre / CENTRE_TOLERANCE)^2;
                 a named side: 0.5 + (offset from the centre towards the side) / (2 OFFSET), i.e. 1 where a render
@@ -67,7 +71,6 @@ DEGRADATIONS = ("blur", "noise", "smear", "recolour", "move", "drop")
 # Fraction of its extent box a shape fills, as the oracle's shape term measures it on clean renders: pi/4 and 1 for
 # the circle and square; a triangle's three sharp corners cover little of their pixels and lose about a pixel of
 # extent each way at this size, so it measures 0.58 rather than its exact 1/2.
-FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.58}
 
 # Scene geometry, in fractions of the image. An object's half-size r is 0.2 alone and 0.16 in a pair (+-5%); its area
 # is AREA[shape] * r^2 (a square's half side is 0.9 r, so the three shapes look about as big). A placed object sits
@@ -81,7 +84,9 @@ CENTRE_TOLERANCE = 0.26  # distance from the centre at which an unpositioned obj
 # The oracle's constants (the module docstring says how each term uses them).
 INK_GATE = (30, 70)  # residual up to which a pixel's ink counts fully, and from which not at all
 PRESENCE_SHARE = 0.85  # share of a clean render's area that counts as fully present (sizes vary +-10%)
-SHAPE_TOLERANCE = (0.06, 0.16)  # |fill - FILL[shape]|: clean renders are within 0.05; the shapes are >= 0.2 apart
+# IoU with the named template: (0 up to, 1 from). A clean square overlaps the inscribed ellipse by <= 0.81 and a clean
+# circle the box by <= 0.80 (pi/4 with anti-aliasing); circles and squares overlap the triangle by <= 0.60.
+SHAPE_BAND = {"circle": (0.82, 0.92), "square": (0.80, 0.92), "triangle": (0.62, 0.78)}
 EDGE_WIDTH = (1.8, 7.0)  # px; clean renders measure 1.1-1.7, blur of radius 1 about 2.8, of radius 2 about 5.3
 RESIDUAL_FREE = 4  # the lookup table's rounding: a pixel of a clean render is within this of its line
 BACKGROUND_SCALE = 10  # noise of sigma 5 gives a mean excess residual of about 3.5, of sigma 20 about 15
@@ -407,6 +412,30 @@ def _edge_width(ink):
     return np.sqrt(g2).sum((1, 2)) / np.maximum(g2.sum((1, 2)), 1e-6)
 
 
+def _template_overlaps(named, solid):
+    """IoU (N, 2, 3) of each object's solid ink with a circle, a square and an apex-up triangle (as wide as high) at
+    the centre of the object's extent box, as large as the box's area. The box: centre and size from the column and
+    row profiles (a column's share is its largest
+    ink over two vertically adjacent pixels, so an isolated noise pixel does not widen it; rows alike). The
+    templates have anti-aliased edges (ink 0.5 on the boundary)."""
+    columns = np.minimum(named[:, :, 1:], named[:, :, :-1]).max(2)  # (N, 2, W)
+    rows = np.minimum(named[..., 1:], named[..., :-1]).max(3)  # (N, 2, H)
+    coords = np.arange(SIZE) + 0.5
+    width, height = np.maximum(columns.sum(-1), 1e-6), np.maximum(rows.sum(-1), 1e-6)  # (N, 2)
+    x = coords - ((columns * coords).sum(-1) / width)[..., None, None]  # (N, 2, 1, W) from the box centre
+    y = coords[:, None] - ((rows * coords).sum(-1) / height)[..., None, None]  # (N, 2, H, 1)
+    a = b = np.sqrt(width * height)[..., None, None] / 2  # the half size: an oval or a rectangle is no match
+    circle = (1 - np.sqrt((x / a) ** 2 + (y / b) ** 2)) * np.sqrt(a * b)  # ~ signed distance to the ellipse, px
+    square = np.minimum(a - np.abs(x), b - np.abs(y))
+    side = ((y + b) * a - np.abs(x) * 2 * b) / np.sqrt(a ** 2 + 4 * b ** 2)  # apex (0, -b), corners (+-a, b)
+    triangle = np.minimum(np.minimum(side, b - y), y + b)
+    out = []
+    for distance in (circle, square, triangle):
+        template = np.clip(distance + 0.5, 0, 1)
+        out.append(np.minimum(solid, template).sum((2, 3)) / np.maximum(np.maximum(solid, template).sum((2, 3)), 1e-6))
+    return np.stack(out, -1)
+
+
 def score_terms(images, prompts):
     """Every oracle term, (N,) float arrays in [0, 1], keyed by name (see the module docstring)."""
     pixels = _pixels(images)  # (N, H, W, 3) uint8
@@ -428,7 +457,7 @@ def score_terms(images, prompts):
     weight = np.stack([np.where(two, 0.5, 1.0), np.where(two, 0.5, 0.0)], 1)  # (N, 2)
     slots = [(s[0][0], s[0][-1]) for s in specs]
     colour = np.array([[names.index(c) for c, _ in o] for o in slots], dtype=np.uint8).reshape(n, 2)
-    fill = np.array([[FILL[sh] for _, sh in o] for o in slots]).reshape(n, 2)
+    kind = np.array([[SHAPES.index(sh) for _, sh in o] for o in slots], dtype=np.int64).reshape(n, 2)
     radius = np.where(two, RADIUS[2], RADIUS[1]) * SIZE  # (N,) px
     expected = np.array([[AREA[sh] for _, sh in o] for o in slots]).reshape(n, 2) * radius[:, None] ** 2
     named = ink[:, None] * (nearest[:, None] == colour[:, :, None, None])  # (N, 2, H, W)
@@ -436,16 +465,14 @@ def score_terms(images, prompts):
 
     # Presence: enough ink of the object's colour.
     presence = np.clip(area / (PRESENCE_SHARE * expected), 0, 1)  # (N, 2)
-    # Shape: solid area over the extent box. Solid is ink ramped from 0.3 to 0.7, so an edge pixel counts in part and
-    # noise-dimmed ink fully. A column's share of the box's width is its largest ink over two vertically adjacent
-    # pixels (an isolated noise pixel does not widen the box); rows alike.
+    # Shape: the overlap of the solid ink (ramped from 0.3 to 0.7: an edge pixel counts in part, noise-dimmed ink
+    # fully) with the named shape fitted to the object's extent box.
     solid = np.clip((named - 0.3) / 0.4, 0, 1)  # (N, 2, H, W)
-    width = np.minimum(named[:, :, 1:], named[:, :, :-1]).max(2).sum(-1)  # (N, 2)
-    height = np.minimum(named[..., 1:], named[..., :-1]).max(3).sum(-1)  # (N, 2)
-    box_fill = solid.sum((2, 3)) / np.maximum(width * height, 1e-6)
-    shape = np.clip((SHAPE_TOLERANCE[1] - np.abs(box_fill - fill)) / (SHAPE_TOLERANCE[1] - SHAPE_TOLERANCE[0]), 0, 1)
-    presence_t = (weight * presence).sum(1)
-    shape_t = (weight * presence * shape).sum(1) / np.maximum(presence_t, 1e-6)
+    overlap = np.take_along_axis(_template_overlaps(named, solid), kind[..., None], -1)[..., 0]  # (N, 2)
+    band = np.array([SHAPE_BAND[s] for s in SHAPES])[kind]  # (N, 2, 2)
+    shape = np.clip((overlap - band[..., 0]) / (band[..., 1] - band[..., 0]), 0, 1)
+    presence_t = np.where(two, presence.prod(1), presence[:, 0])
+    shape_t = (weight * presence * shape).sum(1) / np.maximum((weight * presence).sum(1), 1e-6)
     # Purity: the named colours' share of all ink.
     all_ink = ink.sum((1, 2))
     purity = np.where(all_ink > 1, np.clip(((weight > 0) * area).sum(1) / np.maximum(all_ink, 1e-6), 0, 1), 1.0)
