@@ -1,8 +1,9 @@
 """Rebuild the toy world from a seed: a tiny SD3-architecture pipeline trained here, its samples labelled by the
 oracle as an HPDv3 preference set, and a DRM trained on that set by reward_train.py (the real data path).
 
-1. Data: renders of train prompts, 60% of them degraded (blur, noise, smear, recolour, move, drop at random
-   strength), so the trained generator spreads in quality and leaves room to improve.
+1. Data: renders of train prompts, half of them degraded in quality (blur, noise, smear at random strength), so
+   the trained generator spreads in quality and leaves room to improve. Prompt-breaking degradations (recolour,
+   move, drop) are off by default: renders that contradict their prompt teach the generator to ignore it.
 2. VAE: a 16-latent-channel AutoencoderKL (64 px -> 16 x 16 latents), L1 + small KL; shift/scale set from the
    latent statistics, as SD3's are.
 3. Transformer: SD3Transformer2DModel with SD3.5's features (dual attention, rms qk-norm), rectified-flow
@@ -53,8 +54,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of everything")
     p.add_argument("--quick", action="store_true", help="tiny budgets (CPU smoke run); the result is not useful")
     p.add_argument("--num-images", type=int, default=60000, help="training renders")
-    p.add_argument("--degraded-fraction", type=float, default=0.6, help="share of renders degraded (strength "
+    p.add_argument("--degraded-fraction", type=float, default=0.5, help="share of renders degraded (strength "
                                                                          "0.4-1): the base model's quality spread")
+    p.add_argument("--degradations", default="blur,noise,smear", help="kinds of degradation, comma-separated "
+                   f"(known: {','.join(world.DEGRADATIONS)})")
+    p.add_argument("--layers", type=int, default=TRANSFORMER["num_layers"], help="transformer blocks (a new "
+                   "transformer only)")
+    p.add_argument("--heads", type=int, default=TRANSFORMER["num_attention_heads"], help="attention heads of 32 "
+                   "channels each: the transformer's width is 32 x heads (a new transformer only)")
     p.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps")
     p.add_argument("--steps", type=int, default=3400, help="transformer training steps")
     p.add_argument("--vae-minutes", type=float, default=1.5, help="cap on VAE training time (steps shrink to fit)")
@@ -62,6 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="VAE batch size")
     p.add_argument("--transformer-batch-size", type=int, default=512, help="transformer batch size")
     p.add_argument("--transformer-lr", type=float, default=4e-4, help="transformer peak learning rate")
+    p.add_argument("--ema", type=float, default=0.999, help="decay of the transformer weights' moving average, "
+                   "which is what is saved (0: the last weights)")
+    p.add_argument("--new-transformer", action="store_true", help="with --stages transformer (no vae): train a "
+                   "new transformer (--patch-size, --layers, --heads) over the saved VAE and text encoders")
     p.add_argument("--patch-size", type=int, choices=(1, 2), help="transformer patch size (1: 16 x 16 tokens); "
                    "default 2 for a new pipeline, the saved one's when continuing; another size than the saved "
                    "one trains a new transformer over the saved VAE and text encoders")
@@ -78,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--stages", default="data,vae,transformer,pairs,drm,assets", help="which stages to run; "
                    "transformer without vae continues the saved pipeline's transformer")
     args = p.parse_args(argv)
+    unknown = set(args.degradations.split(",")) - set(world.DEGRADATIONS)
+    if unknown:
+        p.error(f"--degradations: unknown {', '.join(sorted(unknown))}; known: {', '.join(world.DEGRADATIONS)}")
     if args.quick:
         args.num_images, args.vae_steps, args.steps, args.batch_size = 512, 30, 30, 32
         args.transformer_batch_size = 32
@@ -89,23 +103,24 @@ def parse_args(argv=None):
 # 1. Data
 
 def _render_chunk(job):
-    seed, prompts, degraded_fraction = job
+    seed, prompts, degraded_fraction, kinds = job
     rng = np.random.default_rng(seed)
     images = []
     for prompt in prompts:
         img = world.render(prompt, rng)
         if rng.random() < degraded_fraction:
-            img = world.degrade(img, world.DEGRADATIONS[rng.integers(len(world.DEGRADATIONS))], rng,
+            img = world.degrade(img, kinds[rng.integers(len(kinds))], rng,
                                 float(rng.uniform(0.4, 1.0)), prompt=prompt)
         images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
     return np.stack(images)
 
 
-def make_training_images(prompts, num_images, seed, workers, degraded_fraction):
-    """(N, 64, 64, 3) uint8 renders of random train prompts (a fraction degraded) and their prompts."""
+def make_training_images(prompts, num_images, seed, workers, degraded_fraction, kinds):
+    """(N, 64, 64, 3) uint8 renders of random train prompts (a fraction degraded, by one of `kinds` each) and their
+    prompts."""
     rng = np.random.default_rng(seed)
     chosen = [prompts[i] for i in rng.integers(len(prompts), size=num_images)]
-    chunks = [(seed * 7919 + i, chosen[i:i + 1000], degraded_fraction) for i in range(0, num_images, 1000)]
+    chunks = [(seed * 7919 + i, chosen[i:i + 1000], degraded_fraction, kinds) for i in range(0, num_images, 1000)]
     with Pool(workers) as pool:
         images = np.concatenate(pool.map(_render_chunk, chunks))
     return images, chosen
@@ -119,7 +134,14 @@ def to_pixels(images):
 # ----------------------------------------------------------------------------------------------------------------
 # 2-3. The pipeline
 
-def new_pipeline(seed, patch_size=2):
+def transformer_config(patch_size=2, layers=TRANSFORMER["num_layers"], heads=TRANSFORMER["num_attention_heads"]):
+    """The toy transformer's config: the first half of the blocks (at most 3) with SD3.5's dual attention."""
+    return TRANSFORMER | dict(patch_size=patch_size, num_layers=layers, num_attention_heads=heads,
+                              caption_projection_dim=32 * heads,
+                              dual_attention_layers=tuple(range(min(3, layers // 2))))
+
+
+def new_pipeline(seed, patch_size=2, layers=TRANSFORMER["num_layers"], heads=TRANSFORMER["num_attention_heads"]):
     torch.manual_seed(seed)
     words = sorted({w for p in world.all_prompts() for w in p.split()})
     clip_tok, t5_tok = tiny_tokenizers(words)
@@ -139,7 +161,7 @@ def new_pipeline(seed, patch_size=2):
                         layers_per_block=1, latent_channels=16, norm_num_groups=16, use_quant_conv=False,
                         use_post_quant_conv=False, shift_factor=0.0, scaling_factor=1.0)
     return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**(TRANSFORMER | dict(patch_size=patch_size))),
+        transformer=SD3Transformer2DModel(**transformer_config(patch_size, layers, heads)),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae, text_encoder=clip_encoder(32), tokenizer=clip_tok, text_encoder_2=clip_encoder(64),
         tokenizer_2=clip_tok, text_encoder_3=t5, tokenizer_3=t5_tok)
@@ -215,6 +237,8 @@ def train_transformer(pipe, latents, prompts, args, device):
     ids = torch.tensor([index[p] for p in prompts])
     empty = index[""]
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.transformer_lr, weight_decay=0.01)
+    params = [p for p in transformer.parameters()]
+    ema = [p.detach().clone() for p in params] if args.ema else None
     # A continued run (--stages transformer) draws other batches than the run it continues.
     g = torch.Generator(device).manual_seed(args.seed + 2 + 1000 * ("vae" not in args.stages.split(",")))
     latents, ids, n = latents.to(device), ids.to(device), args.transformer_batch_size
@@ -235,6 +259,8 @@ def train_transformer(pipe, latents, prompts, args, device):
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:  # warm-up: a short average at first, so early weights fade
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(args.ema, (1 + step) / (10 + step)))
         losses.append(loss.item())
         step += 1
         if step == 30:
@@ -243,6 +269,8 @@ def train_transformer(pipe, latents, prompts, args, device):
             total = fit_steps(total, args.transformer_minutes, t0, t_warm, 30, step)
         if step % 1000 == 0:
             print(f"transformer step {step}/{total} loss {np.mean(losses[-100:]):.4f}", flush=True)
+    if ema is not None:
+        torch._foreach_copy_([p.data for p in params], ema)
     transformer.eval()
     return dict(loss=float(np.mean(losses[-100:])), steps=step)
 
@@ -385,12 +413,12 @@ def main(args):
     if "vae" in stages or "transformer" in stages:  # both need the renders ("data")
         t0 = time.time()
         images, prompts = make_training_images(train_prompts, args.num_images, args.seed, os.cpu_count() or 1,
-                                               args.degraded_fraction)
+                                               args.degraded_fraction, args.degradations.split(","))
         report["data"] = dict(images=len(images), seconds=round(time.time() - t0, 1),
                               oracle=summary(world.score(images[:2000], prompts[:2000])))
         print(f"1. data: {report['data']}", flush=True)
         if "vae" in stages:  # a new pipeline: train the VAE, then the transformer from scratch
-            pipe = new_pipeline(args.seed, args.patch_size or 2)
+            pipe = new_pipeline(args.seed, args.patch_size or 2, args.layers, args.heads)
             t0 = time.time()
             report["vae"] = train_vae(pipe.vae, images, args, device)
             latents = encode_all(pipe.vae, images, device)
@@ -403,10 +431,10 @@ def main(args):
             if not os.path.isfile(os.path.join(pipeline_dir, "model_index.json")):
                 raise SystemExit(f"--stages without vae continues {pipeline_dir}, which holds no pipeline")
             pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
-            if args.patch_size and args.patch_size != pipe.transformer.config.patch_size:
+            if args.new_transformer or args.patch_size and args.patch_size != pipe.transformer.config.patch_size:
                 torch.manual_seed(args.seed)
-                pipe.register_modules(transformer=SD3Transformer2DModel(**(TRANSFORMER | dict(
-                    patch_size=args.patch_size))))
+                pipe.register_modules(transformer=SD3Transformer2DModel(**transformer_config(
+                    args.patch_size or pipe.transformer.config.patch_size, args.layers, args.heads)))
             latents = encode_all(pipe.vae.to(device), images, device)
             shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
             report["continued_from"] = json.load(open(os.path.join(args.out, "build.json"))).get("transformer") \
