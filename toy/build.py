@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="VAE batch size")
     p.add_argument("--transformer-batch-size", type=int, default=512, help="transformer batch size")
     p.add_argument("--transformer-lr", type=float, default=4e-4, help="transformer peak learning rate")
-    p.add_argument("--ema", type=float, default=0.999, help="decay of the transformer weights' moving average, "
+XX
                    "which is what is saved (0: the last weights)")
     p.add_argument("--new-transformer", action="store_true", help="with --stages transformer (no vae): train a "
                    "new transformer (--patch-size, --layers, --heads) over the saved VAE and text encoders")
