@@ -285,6 +285,24 @@ def test_grpo_mode_with_oracle_cfg_and_kl(tiny_dir, tmp_path):
     assert os.path.isfile(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
 
 
+@pytest.mark.parametrize("mode", ["step", "grpo"])
+def test_training_raises_a_learnable_reward(tiny_dir, tmp_path, monkeypatch, mode):
+    """The direction of the whole update (advantages, log-probs, PPO loss, optimizer): with a smooth reward that the
+    policy can raise (the mean of the clean latent's first channel, standing in for the oracle), 30 steps lift the
+    training reward of the last 10 steps well above that of the first 10, in both modes, from a random seed."""
+    monkeypatch.setattr(step_grpo, "oracle_scores", lambda vae, latents, prompts: latents[:, 0].flatten(1).mean(1))
+    out = str(tmp_path / mode)
+    seed = int(torch.randint(0, 2 ** 31, ()))
+    step_grpo.main(step_grpo.parse_args([
+        "--model", tiny_dir, "--reward", "oracle", "--mode", mode, "--k", "4", "--group", "4", "--max-steps", "30",
+        "--eval-every", "0", "--save-every", "1000", "--seed", str(seed), "--out", out,
+        *RUN[:RUN.index("--prompts-per-step")], "--prompts-per-step", "4", "--eval-num", "1", "--eval-steps", "2",
+        "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2"]))
+    rewards = [row["reward"] for row in metrics(out)]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last > first + 0.2, (seed, first, last)
+
+
 def test_resume_gives_the_uninterrupted_weights(step_run, tiny_dir, drm_file, tmp_path):
     out = str(tmp_path / "resumed")
     common = ["--model", tiny_dir, "--drm", drm_file, "--mode", "step", "--k", "2", "--out", out, *RUN]
