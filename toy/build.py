@@ -237,7 +237,7 @@ def train_transformer(pipe, latents, prompts, args, device):
     ids = torch.tensor([index[p] for p in prompts])
     empty = index[""]
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.transformer_lr, weight_decay=0.01)
-    params = [p for p in transformer.parameters()]
+    params = list(transformer.parameters())
     ema = [p.detach().clone() for p in params] if args.ema else None
     # A continued run (--stages transformer) draws other batches than the run it continues.
     g = torch.Generator(device).manual_seed(args.seed + 2 + 1000 * ("vae" not in args.stages.split(",")))

@@ -68,9 +68,6 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom")
 RELATIONS = ("left of", "right of", "above", "below")
 DEGRADATIONS = ("blur", "noise", "smear", "recolour", "move", "drop")
-# Fraction of its extent box a shape fills, as the oracle's shape term measures it on clean renders: pi/4 and 1 for
-# the circle and square; a triangle's three sharp corners cover little of their pixels and lose about a pixel of
-# extent each way at this size, so it measures 0.58 rather than its exact 1/2.
 
 # Scene geometry, in fractions of the image. An object's half-size r is 0.2 alone and 0.16 in a pair (+-5%); its area
 # is AREA[shape] * r^2 (a square's half side is 0.9 r, so the three shapes look about as big). A placed object sits
@@ -84,8 +81,8 @@ CENTRE_TOLERANCE = 0.26  # distance from the centre at which an unpositioned obj
 # The oracle's constants (the module docstring says how each term uses them).
 INK_GATE = (30, 70)  # residual up to which a pixel's ink counts fully, and from which not at all
 PRESENCE_SHARE = 0.85  # share of a clean render's area that counts as fully present (sizes vary +-10%)
-# IoU with the named template: (0 up to, 1 from). A clean square overlaps the inscribed ellipse by <= 0.81 and a clean
-# circle the box by <= 0.80 (pi/4 with anti-aliasing); circles and squares overlap the triangle by <= 0.60.
+# IoU with the named template: (0 up to, 1 from). A clean square overlaps the disc by <= 0.81 and a clean circle the
+# square by <= 0.80 (pi/4 with anti-aliasing); circles and squares overlap the triangle by <= 0.60.
 SHAPE_BAND = {"circle": (0.82, 0.92), "square": (0.80, 0.92), "triangle": (0.62, 0.78)}
 EDGE_WIDTH = (1.8, 7.0)  # px; clean renders measure 1.1-1.7, blur of radius 1 about 2.8, of radius 2 about 5.3
 RESIDUAL_FREE = 4  # the lookup table's rounding: a pixel of a clean render is within this of its line
@@ -413,24 +410,23 @@ def _edge_width(ink):
 
 
 def _template_overlaps(named, solid):
-    """IoU (N, 2, 3) of each object's solid ink with a circle, a square and an apex-up triangle (as wide as high) at
-    the centre of the object's extent box, as large as the box's area. The box: centre and size from the column and
-    row profiles (a column's share is its largest
-    ink over two vertically adjacent pixels, so an isolated noise pixel does not widen it; rows alike). The
-    templates have anti-aliased edges (ink 0.5 on the boundary)."""
+    """IoU (N, 2, 3) of each object's solid ink with a disc, a square and an apex-up triangle (as wide as high),
+    centred in the object's extent box and as large as a square of the box's area: an oval or a rectangle is no
+    match. The box's centre and size come from the column and row profiles (a column's share is its largest ink over
+    two vertically adjacent pixels, so an isolated noise pixel does not widen it; rows alike). The templates have
+    anti-aliased edges (0.5 on the boundary), from the signed distance to it in px."""
     columns = np.minimum(named[:, :, 1:], named[:, :, :-1]).max(2)  # (N, 2, W)
     rows = np.minimum(named[..., 1:], named[..., :-1]).max(3)  # (N, 2, H)
     coords = np.arange(SIZE) + 0.5
     width, height = np.maximum(columns.sum(-1), 1e-6), np.maximum(rows.sum(-1), 1e-6)  # (N, 2)
     x = coords - ((columns * coords).sum(-1) / width)[..., None, None]  # (N, 2, 1, W) from the box centre
     y = coords[:, None] - ((rows * coords).sum(-1) / height)[..., None, None]  # (N, 2, H, 1)
-    a = b = np.sqrt(width * height)[..., None, None] / 2  # the half size: an oval or a rectangle is no match
-    circle = (1 - np.sqrt((x / a) ** 2 + (y / b) ** 2)) * np.sqrt(a * b)  # ~ signed distance to the ellipse, px
-    square = np.minimum(a - np.abs(x), b - np.abs(y))
-    side = ((y + b) * a - np.abs(x) * 2 * b) / np.sqrt(a ** 2 + 4 * b ** 2)  # apex (0, -b), corners (+-a, b)
-    triangle = np.minimum(np.minimum(side, b - y), y + b)
+    a = np.sqrt(width * height)[..., None, None] / 2  # half size
+    disc = a - np.sqrt(x ** 2 + y ** 2)
+    square = a - np.maximum(np.abs(x), np.abs(y))
+    triangle = np.minimum((y + a - 2 * np.abs(x)) / np.sqrt(5), a - y)  # apex (0, -a), corners (+-a, a)
     out = []
-    for distance in (circle, square, triangle):
+    for distance in (disc, square, triangle):
         template = np.clip(distance + 0.5, 0, 1)
         out.append(np.minimum(solid, template).sum((2, 3)) / np.maximum(np.maximum(solid, template).sum((2, 3)), 1e-6))
     return np.stack(out, -1)
