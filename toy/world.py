@@ -49,7 +49,7 @@ every term as (N,) arrays in [0, 1]:
     background  exp(-mean over pixels of max(residual - RESIDUAL_FREE, 0) / BACKGROUND_SCALE): noise and
                 off-palette colour lower it
     quality     sharpness * background
-It is vectorised over images: about 8,000 images/s on one CPU core (bench/bench_oracle.py). Only 64x64 RGB images in
+It is vectorised over images: about 2,500 images/s on one CPU core (bench/bench_oracle.py). Only 64x64 RGB images in
 [0, 255] are scored; anything else is refused with a message that says what was expected.
 """
 import functools
