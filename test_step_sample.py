@@ -124,7 +124,9 @@ def toy_pipe():
 def test_oracle_selection_keeps_the_oracles_best(toy_pipe):
     """--scorer oracle on the shipped toy pipeline, branching only at the last step (sigma_next = 0, where the
     predicted clean latent is the candidate itself): the chosen image scores at least the k = 1 image (candidate 0)
-    under the oracle, higher on average, and the recorded step score is the final image's oracle score."""
+    under the oracle; where it is another image it scores strictly higher (ties keep candidate 0, argmax's first);
+    and the recorded step score is the final image's oracle score. (Under oracle v2 most 6-step samples of this
+    pipeline score 0, so a strict gain on average is not guaranteed and not asserted.)"""
     from toy import world
     seed = int(np.random.default_rng().integers(10_000))
     prompts = list(np.random.default_rng(seed).choice(world.split_prompts()[1], 6))
@@ -135,7 +137,9 @@ def test_oracle_selection_keeps_the_oracles_best(toy_pipe):
     chosen, history = step_sample.step_sample(toy_pipe, None, prompts, seeds, k=6, **kw)
     o_plain, o_chosen = world.score(step_sample.oracle_pixels(plain), prompts), \
         world.score(step_sample.oracle_pixels(chosen), prompts)
-    assert np.all(o_chosen >= o_plain - 1e-6) and o_chosen.mean() > o_plain.mean()
+    assert np.all(o_chosen >= o_plain - 1e-6)
+    moved = (chosen - plain).flatten(1).abs().amax(1).numpy() > 0  # the chosen image is not candidate 0
+    assert np.all(o_chosen[moved] > o_plain[moved] + 1e-6)
     np.testing.assert_allclose([h[-1] for h in history], o_chosen, atol=1e-4)
 
 
