@@ -71,6 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--transformer-lr", type=float, default=4e-4, help="transformer peak learning rate")
     p.add_argument("--ema", type=float, default=0.0, help="decay of a moving average of the transformer weights, "
                    "saved instead of the last weights (0: off; 0.999 made no difference in a 984-step test)")
+    p.add_argument("--train-text-encoder", action="store_true", help="train the T5 encoder with the transformer "
+                   "(CLIP encoders stay frozen): a random frozen T5 barely marks word order, which two-object "
+                   "prompts need")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer for its training")
     p.add_argument("--new-transformer", action="store_true", help="with --stages transformer (no vae): train a "
                    "new transformer (--patch-size, --layers, --heads) over the saved VAE and text encoders")
     p.add_argument("--patch-size", type=int, choices=(1, 2), help="transformer patch size (1: 16 x 16 tokens); "
@@ -230,14 +234,27 @@ def prompt_table(pipe, prompts, device):
     return {p: i for i, p in enumerate(distinct)}, torch.cat(embeds), torch.cat(pooled)
 
 
+def t5_ids(pipe, prompts, device):
+    """T5 token ids (P, MAX_SEQUENCE_LENGTH), padded as the pipeline pads them."""
+    return pipe.tokenizer_3(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                            add_special_tokens=True, return_tensors="pt").input_ids.to(device)
+
+
 def train_transformer(pipe, latents, prompts, args, device):
-    """Rectified flow: x_t = (1 - t) x0 + t eps, predict v = eps - x0 at timestep 1000 t, t logit-normal."""
+    """Rectified flow: x_t = (1 - t) x0 + t eps, predict v = eps - x0 at timestep 1000 t, t logit-normal.
+    With --train-text-encoder the T5 tokens (the last MAX_SEQUENCE_LENGTH of the context) are recomputed with
+    gradients each step; the CLIP tokens and pooled embeddings come from the frozen table."""
     transformer = pipe.transformer.train().to(device)
     index, embeds, pooled = prompt_table(pipe, prompts, device)
     ids = torch.tensor([index[p] for p in prompts])
     empty = index[""]
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.transformer_lr, weight_decay=0.01)
     params = list(transformer.parameters())
+    if args.train_text_encoder:
+        t5 = pipe.text_encoder_3.train().requires_grad_(True).to(device)
+        token_ids = t5_ids(pipe, sorted(index, key=index.get), device)  # (P, L) in table order
+        params += list(t5.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.transformer_lr, weight_decay=0.01)
+    forward = torch.compile(transformer) if args.compile else transformer
     ema = [p.detach().clone() for p in params] if args.ema else None
     # A continued run (--stages transformer) draws other batches than the run it continues.
     g = torch.Generator(device).manual_seed(args.seed + 2 + 1000 * ("vae" not in args.stages.split(",")))
@@ -252,11 +269,16 @@ def train_transformer(pipe, latents, prompts, args, device):
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
         cosine_lr(optimizer, step, total, args.transformer_lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            v = transformer(hidden_states=xt, encoder_hidden_states=embeds[cond], pooled_projections=pooled[cond],
-                            timestep=1000 * t, return_dict=False)[0]
+            context = embeds[cond]
+            if args.train_text_encoder:  # encode each distinct prompt of the batch once
+                distinct, where = torch.unique(cond, return_inverse=True)
+                t5_tokens = t5(token_ids[distinct])[0][where]  # (n, L, joint_attention_dim)
+                context = torch.cat([context[:, :-MAX_SEQUENCE_LENGTH], t5_tokens.to(context.dtype)], dim=1)
+            v = forward(hidden_states=xt, encoder_hidden_states=context, pooled_projections=pooled[cond],
+                        timestep=1000 * t, return_dict=False)[0]
         loss = F.mse_loss(v.float(), eps - x0)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:  # warm-up: a short average at first, so early weights fade
@@ -272,7 +294,8 @@ def train_transformer(pipe, latents, prompts, args, device):
     if ema is not None:
         torch._foreach_copy_([p.data for p in params], ema)
     transformer.eval()
-    return dict(loss=float(np.mean(losses[-100:])), steps=step)
+    pipe.text_encoder_3.eval().requires_grad_(False)
+    return dict(loss=float(np.mean(losses[-100:])), steps=step, text_encoder_trained=args.train_text_encoder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
