@@ -77,11 +77,12 @@ def parse_args(argv=None):
                    "prompts need")
     p.add_argument("--new-text-encoder", action="store_true", help="with --new-transformer: a new T5 too (the "
                    "current recipe, new_t5), e.g. over a VAE saved by an older build")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer for its training")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the "
+                   "transformer for its training, on a GPU (1.45x the steps in the same time on an H200)")
     p.add_argument("--new-transformer", action="store_true", help="with --stages transformer (no vae): train a "
                    "new transformer (--patch-size, --layers, --heads) over the saved VAE and text encoders")
     p.add_argument("--patch-size", type=int, choices=(1, 2), help="transformer patch size (1: 16 x 16 tokens); "
-                   "default 2 for a new pipeline, the saved one's when continuing; another size than the saved "
+                   "default 1 for a new pipeline, the saved one's when continuing; another size than the saved "
                    "one trains a new transformer over the saved VAE and text encoders")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="base samples per prompt for the pairs")
     p.add_argument("--sample-steps", type=int, default=20, help="denoising steps for the preference samples")
@@ -271,7 +272,7 @@ def train_transformer(pipe, latents, prompts, args, device):
         token_ids = t5_ids(pipe, sorted(index, key=index.get), device)  # (P, L) in table order
         params += list(t5.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.transformer_lr, weight_decay=0.01)
-    forward = torch.compile(transformer) if args.compile else transformer
+    forward = torch.compile(transformer) if args.compile and device.type == "cuda" else transformer
     ema = [p.detach().clone() for p in params] if args.ema else None
     # A continued run (--stages transformer) draws other batches than the run it continues.
     g = torch.Generator(device).manual_seed(args.seed + 2 + 1000 * ("vae" not in args.stages.split(",")))
@@ -458,7 +459,7 @@ def main(args):
                               oracle=summary(world.score(images[:2000], prompts[:2000])))
         print(f"1. data: {report['data']}", flush=True)
         if "vae" in stages:  # a new pipeline: train the VAE, then the transformer from scratch
-            pipe = new_pipeline(args.seed, args.patch_size or 2, args.layers, args.heads)
+            pipe = new_pipeline(args.seed, args.patch_size or 1, args.layers, args.heads)
             t0 = time.time()
             report["vae"] = train_vae(pipe.vae, images, args, device)
             latents = encode_all(pipe.vae, images, device)
