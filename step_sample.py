@@ -13,8 +13,8 @@ Departures from the paper: when the DRM is frozen over the generator's own trans
 uses the same prompt embeddings, the chosen candidate's prefix activations are exactly what the next step's
 conditional forward computes up to block N - m, so they are reused instead of recomputed (--no-reuse turns it off).
 
-    python step_sample.py --model toy/assets/pipeline --drm runs/toy/drm_frozen/drm.safetensors \\
-        --prompt "a red circle left of a blue square" --k 4 --grid --out runs/samples
+    python step_sample.py --prompt "a red circle left of a blue square" --k 4 --grid --out runs/samples  # toy
+                                                                      # pipeline and its DRM (toy/assets/)
     python step_sample.py --model /models/sd3.5-medium --drm runs/drm/drm.safetensors --prompts prompts.txt \\
         --k 6 --height 512 --width 512 --out runs/samples-k6
 """
@@ -33,11 +33,14 @@ from data import UserError, read_prompts
 from model import (compile_blocks, decode_latents, default_sequence_length, encode_prompts, load_drm,
                    load_pipeline, score_images, sde_step, transformer_suffix)
 
+TOY_MODEL, TOY_DRM = "toy/assets/pipeline", "toy/assets/drm.safetensors"
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="toy/assets/pipeline", help="SD3/SD3.5 diffusers folder")
-    p.add_argument("--drm", default="", help="DRM checkpoint (needed for k > 1 and --best-of-n)")
+    p.add_argument("--model", default=TOY_MODEL, help="SD3/SD3.5 diffusers folder")
+    p.add_argument("--drm", help=f"DRM checkpoint (needed for k > 1 and --best-of-n; default: {TOY_DRM} over the "
+                   "toy pipeline, none otherwise)")
     p.add_argument("--scorer", default="drm", choices=("drm", "oracle"), help="who chooses: the DRM, or (toy "
                    "prompts only) the toy oracle on each candidate's predicted clean image")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeatable")
@@ -61,7 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--grid", action="store_true", help="also write grid.png: k=1 vs k (or best-of-N) on the same "
                    "seeds")
     p.add_argument("--out", default="runs/samples", help="output folder: PNGs and results.jsonl")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.drm is None:  # the toy pipeline comes with its DRM
+        args.drm = TOY_DRM if os.path.normpath(args.model) == os.path.normpath(TOY_MODEL) else ""
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,6 +223,22 @@ def save_png(image, path):
                     .astype(np.uint8)).save(path)
 
 
+def save_grid(rows, path):
+    """rows of (image (3, H, W) in [-1, 1], score, oracle or None) cells -> one PNG, each cell captioned below."""
+    from PIL import ImageDraw
+    h, w = rows[0][0][0].shape[-2:]
+    sheet = Image.new("RGB", (len(rows[0]) * max(w, 72), len(rows) * (h + 12)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(rows):
+        for c, (image, score, truth) in enumerate(row):
+            x, y = c * max(w, 72), r * (h + 12)
+            sheet.paste(Image.fromarray(((image.float().permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
+                                        .astype(np.uint8)), (x, y))
+            caption = "" if score is None else f"{score:+.2f}" + ("" if truth is None else f" o{truth:.2f}")
+            draw.text((x + 1, y + h), caption, fill="black")
+    sheet.save(path)
+
+
 def check_args(args):
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
@@ -250,13 +272,13 @@ def main(args):
     if height % multiple or width % multiple:
         raise UserError(f"--height {height} / --width {width} must be divisible by {multiple} for {args.model}")
     oracle = args.scorer == "oracle"
-    if oracle:
-        from toy.world import VocabularyError, parse_prompt
-        try:
-            for prompt in prompts:
-                parse_prompt(prompt)
-        except VocabularyError as e:
+    from toy.world import VocabularyError, parse_prompt
+    try:  # toy-world prompts also get the oracle's score of each final image
+        toy = all(parse_prompt(prompt) for prompt in prompts)
+    except VocabularyError as e:
+        if oracle:
             raise UserError(f"--scorer oracle scores toy-world prompts only: {e}") from None
+        toy = False
     drm, config = load_drm(args.drm, pipe.transformer) if args.drm and not oracle else (None, {})
     if args.compile:
         compile_blocks(pipe.transformer)
@@ -272,7 +294,7 @@ def main(args):
     sampling = dict(steps=args.steps, guidance=args.guidance, noise_level=args.noise_level, height=height,
                     width=width, branch_steps=branch, max_sequence_length=length, reuse=not args.no_reuse,
                     oracle=oracle)
-    results, grid = [], {}
+    results, grid, totals = [], {}, {name: [] for name, _ in runs}
     for name, label in runs:
         for start in tqdm(range(0, len(jobs), args.batch_size), desc=label):
             batch = jobs[start:start + args.batch_size]
@@ -284,21 +306,27 @@ def main(args):
                                               **sampling)
                 scores = final_scores(drm, pipe, batch_prompts, images, length, oracle) if drm or oracle \
                     else [None] * len(batch)
+            truth = oracle_scores(images, batch_prompts).tolist() if toy and not oracle else [None] * len(batch)
             for row, (prompt, seed) in enumerate(batch):
                 index = start + row
                 path = os.path.join(args.out, f"{name}_{index:05d}.png")
                 save_png(images[row], path)
+                totals[name].append((scores[row], truth[row]))
                 if with_grid:
-                    grid.setdefault(index, {})[name] = images[row].cpu()
+                    grid.setdefault(index, {})[name] = (images[row].cpu(), scores[row], truth[row])
                 if name == "k":
                     results.append(dict(prompt=prompt, seed=seed, k=1 if args.best_of_n else args.k,
                                         best_of_n=args.best_of_n or None, **{f"{args.scorer}_score": scores[row]},
+                                        **({"oracle_score": truth[row]} if truth[row] is not None else {}),
                                         step_scores=history[row], file=path))
     with open(os.path.join(args.out, "results.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
     if with_grid:  # one row per image: plain sampling (k = 1) left, the chosen method (k, or best-of-N) right
-        cells = [torch.cat([grid[i]["k1"], grid[i]["k"]], dim=2) for i in sorted(grid)]
-        save_png(torch.cat(cells, dim=1), os.path.join(args.out, "grid.png"))
+        save_grid([[grid[i]["k1"], grid[i]["k"]] for i in sorted(grid)], os.path.join(args.out, "grid.png"))
+    for name, label in runs:  # mean final scores of each method over the same jobs
+        means = [np.mean(v) if v[0] is not None else None for v in zip(*totals[name])]
+        print(f"{label}: " + ", ".join(f"mean {who} {m:.3f}" for who, m in zip((args.scorer, "oracle"), means)
+                                       if m is not None))
     print(f"wrote {len(results)} images and results.jsonl to {args.out}")
     return results
 

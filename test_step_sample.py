@@ -143,6 +143,22 @@ def test_oracle_selection_keeps_the_oracles_best(toy_pipe):
     np.testing.assert_allclose([h[-1] for h in history], o_chosen, atol=1e-4)
 
 
+def test_stepwise_sampling_with_the_shipped_drm_beats_plain_sampling(toy_pipe):
+    """Issue 4's check on the committed assets: on a fixed set of held-out prompts and seeds (20 steps), step-wise
+    sampling with k = 4 and the shipped DRM raises the mean oracle score over k = 1 (the same seeds)."""
+    from toy import world
+    drm, _ = model.load_drm(os.path.join(REPO, "toy", "assets", "drm.safetensors"), toy_pipe.transformer)
+    held_out = world.split_prompts()[1]
+    prompts = held_out[5::len(held_out) // 24][:24]
+    seeds = list(range(100, 100 + len(prompts)))
+    kw = dict(steps=20, guidance=4.5, height=64, width=64, max_sequence_length=16)
+    plain, _ = step_sample.step_sample(toy_pipe, drm, prompts, seeds, k=1, **kw)
+    chosen, _ = step_sample.step_sample(toy_pipe, drm, prompts, seeds, k=4, **kw)
+    o_plain = world.score(step_sample.oracle_pixels(plain), prompts)
+    o_chosen = world.score(step_sample.oracle_pixels(chosen), prompts)
+    assert o_chosen.mean() > o_plain.mean() + 0.02, (o_plain.mean(), o_chosen.mean())
+
+
 def test_predicted_clean_is_one_euler_step_to_zero(pipe):
     g = torch.Generator().manual_seed(int(np.random.default_rng().integers(10_000)))
     x = torch.randn(2, 16, 4, 4, generator=g)
