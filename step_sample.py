@@ -13,8 +13,7 @@ Departures from the paper: when the DRM is frozen over the generator's own trans
 uses the same prompt embeddings, the chosen candidate's prefix activations are exactly what the next step's
 conditional forward computes up to block N - m, so they are reused instead of recomputed (--no-reuse turns it off).
 
-    python step_sample.py --prompt "a red circle left of a blue square" --k 4 --grid --out runs/samples  # toy
-                                                                      # pipeline and its DRM (toy/assets/)
+    python step_sample.py --prompt "a red circle left of a blue square" --grid --out runs/samples  # toy/assets/
     python step_sample.py --model /models/sd3.5-medium --drm runs/drm/drm.safetensors --prompts prompts.txt \\
         --k 6 --height 512 --width 512 --out runs/samples-k6
 """
@@ -218,24 +217,28 @@ def best_of_n(pipe, drm, prompts, seeds, n, max_sequence_length=256, oracle=Fals
     return best_images, best_scores, best_history
 
 
+def to_pil(image):
+    """(3, H, W) in [-1, 1] -> PIL image."""
+    return Image.fromarray(((image.float().permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255)
+                           .astype(np.uint8))
+
+
 def save_png(image, path):
-    Image.fromarray(((image.float().permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255)
-                    .astype(np.uint8)).save(path)
+    to_pil(image).save(path)
 
 
 def save_grid(rows, path):
     """rows of (image (3, H, W) in [-1, 1], score, oracle or None) cells -> one PNG, each cell captioned below."""
     from PIL import ImageDraw
     h, w = rows[0][0][0].shape[-2:]
-    sheet = Image.new("RGB", (len(rows[0]) * max(w, 72), len(rows) * (h + 12)), "white")
+    cell_w = max(w, 72)  # room for the caption
+    sheet = Image.new("RGB", (len(rows[0]) * cell_w, len(rows) * (h + 12)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, row in enumerate(rows):
         for c, (image, score, truth) in enumerate(row):
-            x, y = c * max(w, 72), r * (h + 12)
-            sheet.paste(Image.fromarray(((image.float().permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
-                                        .astype(np.uint8)), (x, y))
+            sheet.paste(to_pil(image), (c * cell_w, r * (h + 12)))
             caption = "" if score is None else f"{score:+.2f}" + ("" if truth is None else f" o{truth:.2f}")
-            draw.text((x + 1, y + h), caption, fill="black")
+            draw.text((c * cell_w + 1, r * (h + 12) + h), caption, fill="black")
     sheet.save(path)
 
 

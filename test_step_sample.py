@@ -188,6 +188,11 @@ def test_cli_writes_images_results_and_grid(tiny_dir, drm_file, tmp_path):
     assert [r["prompt"] for r in rows] == ["a red circle", "a blue square"]
     assert all(len(r["step_scores"]) == 2 and isinstance(r["drm_score"], float) for r in rows)
     assert (tmp_path / "grid.png").exists() and (tmp_path / "k_00000.png").exists()
+    # Toy-world prompts also get the oracle's score; each method's means are printed.
+    assert all(0 <= r["oracle_score"] <= 1 for r in rows)
+    assert f"k=2: mean drm {np.mean([r['drm_score'] for r in rows]):.3f}, mean oracle " \
+           f"{np.mean([r['oracle_score'] for r in rows]):.3f}" in log, log[-1000:]
+    assert "k=1: mean drm" in log
     rc, log = run_cli("--model", tiny_dir, "--drm", drm_file, "--prompt", "a red circle", "--best-of-n", "2",
                       "--k", "4", "--grid", "--steps", "2", "--height", "32", "--width", "32", "--out",
                       str(tmp_path / "bon"))
