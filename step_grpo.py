@@ -47,7 +47,7 @@ from data import UserError, read_prompts
 from model import add_lora, decode_latents, default_sequence_length, load_drm, load_pipeline, save_lora, sde_step
 from plot import plot_runs, read_metrics
 from reward_train import any_rank_says, print0, rank0_says, setup_distributed, truncate_metrics
-from step_sample import oracle_scores as oracle_of_images
+from toy.world import score_tensor as oracle_of_images
 from step_sample import predicted_clean, sde_candidates, velocity
 
 
@@ -168,7 +168,7 @@ def base_weights(transformer):
 
 @torch.no_grad()
 def oracle_scores(vae, latents, prompts):
-    """Toy-world oracle (N,) of latents (N, C, h, w): decoded, then step_sample.oracle_scores (64 px, uint8)."""
+    """Toy-world oracle (N,) of latents (N, C, h, w): decoded, then toy.world.score_tensor (64 px, uint8)."""
     return oracle_of_images(decode_latents(vae, latents), prompts)
 
 

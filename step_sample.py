@@ -24,13 +24,13 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
 from data import UserError, read_prompts
 from model import (compile_blocks, decode_latents, default_sequence_length, encode_prompts, load_drm,
                    load_pipeline, score_images, sde_step, transformer_suffix)
+from toy.world import score_tensor, vocabulary_problem
 
 TOY_MODEL, TOY_DRM = "toy/assets/pipeline", "toy/assets/drm.safetensors"
 
@@ -115,22 +115,6 @@ def predicted_clean(transformer, x, sigma, embeds, pooled):
     return x - sigma * v.float()
 
 
-def oracle_pixels(images):
-    """Images (B, 3, H, W) in [-1, 1] -> uint8 (B, 64, 64, 3), what the toy oracle scores (resized when the pipeline
-    samples another size)."""
-    from toy.world import SIZE
-    images = images.float()
-    if images.shape[-2:] != (SIZE, SIZE):
-        images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True)
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
-def oracle_scores(images, prompts):
-    """Toy-world oracle (B,) float32 of images (B, 3, H, W) in [-1, 1], on their device."""
-    from toy.world import score
-    return torch.tensor(score(oracle_pixels(images), prompts), dtype=torch.float32, device=images.device)
-
-
 @torch.no_grad()
 def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_level=0.7, height=512, width=512,
                 branch_steps=None, max_sequence_length=256, reuse=True, return_latents=False, oracle=False):
@@ -170,7 +154,7 @@ def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_le
         c_embeds, c_pooled = pos.repeat_interleave(k, 0), pos_pooled.repeat_interleave(k, 0)
         if oracle:
             clean = predicted_clean(transformer, candidates.to(dtype), sigma_next, c_embeds, c_pooled)
-            scores = oracle_scores(decode_latents(pipe.vae, clean), [q for q in prompts for _ in range(k)])
+            scores = score_tensor(decode_latents(pipe.vae, clean), [q for q in prompts for _ in range(k)])
             scores = scores.view(b, k)  # (B, k)
         else:
             t_next = (1000 * sigma_next).expand(b * k)  # the same float the next step's forward is given
@@ -189,7 +173,7 @@ def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_le
 def final_scores(drm, pipe, prompts, images, max_sequence_length, oracle=False):
     """Clean-image DRM scores (t = 0, VAE mean) of decoded images in [-1, 1] (the toy oracle's with oracle=True)."""
     if oracle:
-        return oracle_scores(images, prompts).tolist()
+        return score_tensor(images, prompts).tolist()
     embeds, pooled = encode_prompts(pipe, prompts, max_sequence_length)
     return score_images(drm, pipe.vae, images, embeds, pooled).tolist()
 
@@ -275,13 +259,10 @@ def main(args):
     if height % multiple or width % multiple:
         raise UserError(f"--height {height} / --width {width} must be divisible by {multiple} for {args.model}")
     oracle = args.scorer == "oracle"
-    from toy.world import VocabularyError, parse_prompt
-    try:  # toy-world prompts also get the oracle's score of each final image
-        toy = all(parse_prompt(prompt) for prompt in prompts)
-    except VocabularyError as e:
-        if oracle:
-            raise UserError(f"--scorer oracle scores toy-world prompts only: {e}") from None
-        toy = False
+    problem = vocabulary_problem(prompts)  # toy-world prompts also get the oracle's score of each final image
+    if oracle and problem:
+        raise UserError(f"--scorer oracle scores toy-world prompts only: {problem}")
+    toy = problem is None
     drm, config = load_drm(args.drm, pipe.transformer) if args.drm and not oracle else (None, {})
     if args.compile:
         compile_blocks(pipe.transformer)
@@ -309,7 +290,7 @@ def main(args):
                                               **sampling)
                 scores = final_scores(drm, pipe, batch_prompts, images, length, oracle) if drm or oracle \
                     else [None] * len(batch)
-            truth = oracle_scores(images, batch_prompts).tolist() if toy and not oracle else [None] * len(batch)
+            truth = score_tensor(images, batch_prompts).tolist() if toy and not oracle else [None] * len(batch)
             for row, (prompt, seed) in enumerate(batch):
                 index = start + row
                 path = os.path.join(args.out, f"{name}_{index:05d}.png")

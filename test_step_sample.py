@@ -135,8 +135,8 @@ def test_oracle_selection_keeps_the_oracles_best(toy_pipe):
               branch_steps=(5, 6), oracle=True)
     plain, _ = step_sample.step_sample(toy_pipe, None, prompts, seeds, k=1, **kw)
     chosen, history = step_sample.step_sample(toy_pipe, None, prompts, seeds, k=6, **kw)
-    o_plain, o_chosen = world.score(step_sample.oracle_pixels(plain), prompts), \
-        world.score(step_sample.oracle_pixels(chosen), prompts)
+    o_plain, o_chosen = world.score(world.tensor_pixels(plain), prompts), \
+        world.score(world.tensor_pixels(chosen), prompts)
     assert np.all(o_chosen >= o_plain - 1e-6)
     moved = (chosen - plain).flatten(1).abs().amax(1).numpy() > 0  # the chosen image is not candidate 0
     assert np.all(o_chosen[moved] > o_plain[moved] + 1e-6)
@@ -154,8 +154,8 @@ def test_stepwise_sampling_with_the_shipped_drm_beats_plain_sampling(toy_pipe):
     kw = dict(steps=20, guidance=4.5, height=64, width=64, max_sequence_length=16)
     plain, _ = step_sample.step_sample(toy_pipe, drm, prompts, seeds, k=1, **kw)
     chosen, _ = step_sample.step_sample(toy_pipe, drm, prompts, seeds, k=4, **kw)
-    o_plain = world.score(step_sample.oracle_pixels(plain), prompts)
-    o_chosen = world.score(step_sample.oracle_pixels(chosen), prompts)
+    o_plain = world.score(world.tensor_pixels(plain), prompts)
+    o_chosen = world.score(world.tensor_pixels(chosen), prompts)
     assert o_chosen.mean() > o_plain.mean() + 0.02, (o_plain.mean(), o_chosen.mean())
 
 
@@ -283,7 +283,7 @@ def test_compare_sampling_math_on_random_inputs():
         n = cs.matched_n(ratio * seconds_1, seconds_1)
         assert n >= 1 and (abs(n - ratio) <= 0.5 + 1e-9 or (n == 1 and ratio < 1))
     assert [cs.matched_n(r, 1.0) for r in (0.2, 1.49, 2.5, 3.4)] == [1, 1, 3, 3]
-    pixels = step_sample.oracle_pixels(torch.cat([-torch.ones(1, 3, 32, 32), torch.ones(1, 3, 32, 32)]))
+    pixels = cs.world.tensor_pixels(torch.cat([-torch.ones(1, 3, 32, 32), torch.ones(1, 3, 32, 32)]))
     assert pixels.shape == (2, 64, 64, 3) and pixels.dtype == np.uint8
     assert pixels[0].max() == 0 and pixels[1].min() == 255
 

@@ -52,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data import UserError  # noqa: E402
 from model import default_sequence_length, load_drm, load_pipeline  # noqa: E402
-from step_sample import best_of_n, final_scores, oracle_pixels, save_png, step_sample  # noqa: E402
+from step_sample import best_of_n, final_scores, save_png, step_sample  # noqa: E402
 from toy import world  # noqa: E402
 
 BASELINE = "k1"
@@ -174,7 +174,7 @@ def run_config(name, jobs, pipe, drm, args, length, size, k=1, noise_level=0.7, 
             scores = [float("nan")] * len(batch)
         elif not num_trials:  # the report's DRM score, outside the timing: only best-of-N needs it to sample
             scores = final_scores(drm, pipe, prompts, images, length)
-        batch_pixels = oracle_pixels(images)  # (B, 64, 64, 3)
+        batch_pixels = world.tensor_pixels(images)  # (B, 64, 64, 3)
         batch_oracle = world.score(batch_pixels, prompts)
         for row, (prompt, seed) in enumerate(batch):
             path = os.path.join(folder, f"{start + row:05d}.png")

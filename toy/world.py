@@ -505,3 +505,32 @@ def score(images, prompts):
     """Oracle preference in [0, 1] per image: sqrt(fidelity * quality)."""
     t = score_terms(images, prompts)
     return np.sqrt(t["fidelity"] * t["quality"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Torch images (samplers and trainers score decoded images with these)
+
+def tensor_pixels(images):
+    """Images (B, 3, H, W) in [-1, 1], a torch tensor -> uint8 (B, 64, 64, 3), what the oracle scores (resized
+    with antialiasing when they are another size)."""
+    import torch.nn.functional as F
+    images = images.float()
+    if images.shape[-2:] != (SIZE, SIZE):
+        images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True)
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def score_tensor(images, prompts):
+    """Oracle (B,) float32 torch tensor of images (B, 3, H, W) in [-1, 1], on their device."""
+    import torch
+    return torch.tensor(score(tensor_pixels(images), prompts), dtype=torch.float32, device=images.device)
+
+
+def vocabulary_problem(prompts):
+    """None if every prompt is a toy-world prompt, else the error message of the first that is not."""
+    try:
+        for prompt in prompts:
+            _parse(prompt)
+    except VocabularyError as e:
+        return str(e)
+    return None
