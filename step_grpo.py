@@ -23,7 +23,8 @@ Departures from the paper / Flow-GRPO:
 - Noise comes from one generator per prompt, seeded by --seed, the step and the prompt's place in the step's
   global batch (prompt_generators): runs on 1 or N GPUs at the same --prompts-per-step draw the same samples and
   follow the same curve, and a resume needs no noise state.
-- At each evaluation, OUT/reward.png plots the evaluation rewards against step and device-seconds (plot.py; it
+- Evaluation rows of metrics.jsonl start at step 0, the base model before any update (a fresh run only); its
+  other rows are training steps 1, 2, ... At each evaluation, OUT/reward.png plots the evaluation rewards against step and device-seconds (plot.py; it
   also overlays several runs' metrics.jsonl).
 
     python step_grpo.py --drm runs/toy/drm_frozen/drm.safetensors --out runs/step_grpo
@@ -490,6 +491,13 @@ def main(args):
 
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, then exit
+    if eval_prompts and start_step == 0:  # step 0: the base model (the LoRA starts at zero), where curves begin
+        row = dict(step=0, device_seconds=0.0, **evaluate(eval_prompts, ctx, rank, world))
+        print0(f"step 0 (base model) eval: {({k: v for k, v in row.items() if k.startswith('eval')})}", rank=rank)
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            history.append(row)
     t_start = time.time() - elapsed  # --max-minutes counts the time before a resume too
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=rank != 0)
     for step in bar:

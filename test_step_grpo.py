@@ -49,9 +49,10 @@ def run(args, nproc=0, check=True):
     return result
 
 
-def metrics(out):
+def metrics(out, base=False):
+    """The training rows of OUT/metrics.jsonl (steps 1, 2, ...); with base=True also the step-0 evaluation row."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if base or r["step"] > 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,6 +196,10 @@ def step_run(tiny_dir, drm_file, tmp_path_factory):
 def test_step_mode_run_is_on_policy_and_trains(step_run, tiny_dir):
     rows = metrics(step_run)
     assert [r["step"] for r in rows] == [1, 2] and "eval_drm" in rows[-1] and "eval_oracle" in rows[-1]
+    base = metrics(step_run, base=True)[0]  # the base model, evaluated before the first update, as the others are
+    assert base["step"] == 0 and base["device_seconds"] == 0 and "reward" not in base
+    assert base["eval_prompts"] == rows[-1]["eval_prompts"] and 0 <= base["eval_oracle"] <= 1
+    assert base["eval_drm"] != rows[-1]["eval_drm"]  # two updates at lr 1e-2 change the samples
     for row in rows:  # the first update's ratio is 1: rollout and update compute the same log-probs (fp32)
         assert row["ratio_dev"] < 1e-4 and row["clip_frac"] == 0 and math.isfinite(row["loss"])
     lora = load_file(os.path.join(step_run, "lora", "pytorch_lora_weights.safetensors"))
@@ -313,8 +318,9 @@ def test_resume_gives_the_uninterrupted_weights(step_run, tiny_dir, drm_file, tm
     assert resumed["step"] == straight["step"] == 2
     for name, tensor in straight["lora"].items():
         torch.testing.assert_close(resumed["lora"][name], tensor, rtol=0, atol=1e-6)
-    rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2]
+    rows = metrics(out, base=True)
+    assert [r["step"] for r in rows] == [0, 1, 2]  # the base evaluated once, the resumed run's rows not repeated
+    rows = rows[1:]
     # device_seconds carry on across the resume (one process: each step adds its own seconds)
     assert abs(rows[1]["device_seconds"] - (rows[0]["device_seconds"] + rows[1]["seconds"])) < 0.02
     assert abs(resumed["device_seconds"] - rows[1]["device_seconds"]) < 0.01 and resumed["elapsed"] > 0
@@ -341,10 +347,10 @@ def test_torchrun_two_processes_follow_the_one_process_run(tiny_dir, drm_file, t
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run([*common, "--out", one])
     run([*common, "--out", two], nproc=2)
-    rows_one, rows_two = metrics(one), metrics(two)
-    assert len(rows_two) == 2 and all(r["ratio_dev"] < 1e-4 for r in rows_two)
-    assert rows_one[0]["reward"] != rows_one[1]["reward"]  # the compared numbers move between steps
-    for a, b in zip(rows_one, rows_two):
+    rows_one, rows_two = metrics(one, base=True), metrics(two, base=True)
+    assert [r["step"] for r in rows_two] == [0, 1, 2] and all(r["ratio_dev"] < 1e-4 for r in rows_two[1:])
+    assert rows_one[1]["reward"] != rows_one[2]["reward"]  # the compared numbers move between steps
+    for a, b in zip(rows_one, rows_two):  # the base evaluation too: its prompts are split between the ranks
         for key in ("reward", "reward_chosen", "loss", "grad_norm", "eval_drm", "eval_oracle"):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
@@ -406,11 +412,11 @@ def test_bad_inputs(tiny_dir, drm_file, other_drm, tmp_path):
 
 def synthetic_run(rng, rate, seconds_per_step, eval_every=5):
     """Evaluation rows of a run whose oracle score rises by `rate` a step (and its DRM score twice as fast), stopped
-    by a time budget at a random step, with a little evaluation noise."""
+    by a time budget at a random step, with a little evaluation noise; the first row is the base model (step 0)."""
     last = int(rng.integers(40, 60))
     return [dict(step=s, device_seconds=round(s * seconds_per_step, 2), eval_prompts=8,
                  eval_oracle=0.2 + rate * s + float(rng.normal(0, 1e-4)), eval_drm=0.1 + 2 * rate * s)
-            for s in [*range(eval_every, last, eval_every), last]]
+            for s in [0, *range(eval_every, last, eval_every), last]]
 
 
 def test_compare_mean_interval():
@@ -428,7 +434,7 @@ def test_compare_mean_interval():
 
 def test_compare_speedup_of_a_faster_curve():
     import numpy as np
-    from toy.compare_grpo import mean_curve, summarize
+    from toy.compare_grpo import mean_curve, mean_interval, summarize
     rng = np.random.default_rng()
     rate, seconds = float(rng.uniform(0.002, 0.01)), float(rng.uniform(0.5, 2.0))
     runs = {"grpo": {s: synthetic_run(rng, rate, seconds) for s in range(3)},
@@ -444,13 +450,22 @@ def test_compare_speedup_of_a_faster_curve():
     assert slow["speedup_steps"] is None and slow["steps_to_target"] is None  # never gets there
     finals = [rows[-1]["eval_oracle"] for rows in runs["step_k2_best"].values()]
     assert fast["final_eval_oracle"] == pytest.approx(np.mean(finals))
-    assert fast["first_eval_drm"] == pytest.approx(0.1 + 2 * 3 * rate * 5) and fast["first_steps"] == [5, 5, 5]
+    assert fast["first_eval_drm"] == pytest.approx(0.1) and fast["first_steps"] == [0, 0, 0]  # the base model
+    gains = [rows[-1]["eval_oracle"] - rows[0]["eval_oracle"] for rows in runs["step_k2_best"].values()]
+    assert (fast["gain_eval_oracle"], fast["gain_eval_oracle_ci95"]) == pytest.approx(mean_interval(gains))
+    assert fast["gain_eval_oracle"] == pytest.approx(3 * rate * np.mean([r[-1]["step"] for r in
+                                                                          runs["step_k2_best"].values()]), abs=1e-3)
     assert not any(fast["reward_hacking"].values())
     # Another baseline: its own final score is the target, and it is the one with speed-up 1.
     other = summarize(runs, "step_k2_best")
     assert other["baseline"] == "step_k2_best" and other["configs"]["step_k2_best"]["speedup_steps"] == 1.0
     assert other["target_eval_oracle"] > summary["target_eval_oracle"]  # the faster curve got further
     assert other["configs"]["grpo"]["steps_to_target"] is None
+    # A baseline that ends below the base model: its target is met at step 0, so there is nothing to time.
+    falling = summarize({"grpo": {s: synthetic_run(rng, -rate, seconds) for s in range(3)},
+                         "step_k2_best": runs["step_k2_best"]})
+    assert all(e["speedup_steps"] is None and e["speedup_seconds"] is None for e in falling["configs"].values())
+    assert falling["configs"]["grpo"]["gain_eval_oracle"] < 0 < falling["configs"]["step_k2_best"]["gain_eval_oracle"]
 
 
 def test_compare_reward_hacking_flag():
@@ -517,7 +532,10 @@ def test_compare_grpo_end_to_end(tiny_dir, drm_file, tmp_path):
         assert os.path.isfile(out / f"{name}_s0" / "done.json") and os.path.isfile(out / f"{name}_s0" / "checkpoint.pt")
         assert entry["final_steps"] == [run_rows[-1]["step"]] and entry["final_eval_oracle_ci95"] is None  # 1 seed
         assert entry["final_eval_drm"] == pytest.approx(run_rows[-1]["eval_drm"])
-    assert summary["configs"]["grpo"]["speedup_steps"] == 1.0
+    grpo = summary["configs"]["grpo"]
+    assert grpo["first_steps"] == [0] and summary["configs"]["step_k2_best"]["first_steps"] == [0]  # the base
+    # The target is grpo's final score: timed from step 0 unless the base model already met it (a random model).
+    assert grpo["speedup_steps"] == (None if summary["target_step"] == 0 else 1.0)
     assert "| step_k2_best | 1 |" in result.stdout and "| grpo | 1 |" in result.stdout
     for png in ("oracle.png", "drm.png"):
         with Image.open(out / png) as image:

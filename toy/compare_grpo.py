@@ -10,14 +10,14 @@
        step_k2_oracle  step_k4_oracle: step mode, --continue best, the oracle on each candidate's clean prediction
                        (no DRM: dense rewards without the DRM's errors; their baseline is grpo_oracle)
 2. Summarise (OUT/summary.json, a markdown table, OUT/oracle.png and OUT/drm.png with the seed-mean curves):
-   per configuration the seed-mean of the first and the final evaluation, with a 95% t-interval over seeds; the
-   speed-up: the baseline's steps (and device-seconds) to reach the baseline's final oracle score, divided by this
+   per configuration the seed-mean of the first evaluation (step 0: the base model) and the final one, with a 95%
+   t-interval over seeds, and the gain (final minus first, paired by seed, with its interval); the speed-up: the baseline's steps (and device-seconds) to reach the baseline's final oracle score, divided by this
    configuration's (baseline: grpo if it runs, else grpo_oracle; --baseline sets it); a reward-hacking flag per
    run (DRM score up while the oracle's fell by more than 0.02).
 
 Choices to know:
-- step_grpo.py does not evaluate before training: "first" is the evaluation after --eval-every steps, not the
-  base model.
+- step_grpo.py evaluates the base model at step 0, so "first" is the base (the same for every configuration of a
+  seed) and the gain is the improvement over it. Runs made before that evaluation existed start at --eval-every.
 - Seed-mean curves run up to the last step of a configuration's shortest seed (--max-minutes stops seeds at
   different steps), every seed linearly interpolated at every evaluation step there. grpo's target is the last
   point of its own seed-mean curve, so grpo reaches it (its speed-up is 1); the "final" columns instead average
@@ -27,8 +27,9 @@ Choices to know:
   latest; step_grpo.py counts the training time before its checkpoint towards --max-minutes.
 - One device, one run at a time: runs compared at equal wall time need equal hardware. Relative paths in --extra
   are read from the repository root.
-- If grpo does not improve on its first evaluation, every configuration reaches its target at once and the
-  speed-ups (about 1) say nothing: read them next to the first and final columns.
+- If grpo ends no higher than the base model, the target is reached at step 0 and no speed-up is computed (-).
+- A configuration that reaches the target at its first evaluation after step 0 gets a speed-up bounded by the
+  evaluation grid: the true one may be larger (a smaller --eval-every resolves it).
 
     python -m toy.compare_grpo --drm runs/toy/drm_frozen/drm.safetensors --out runs/compare --minutes 2 --seeds 0,1,2
     python -m toy.compare_grpo --drm runs/toy/drm_frozen/drm.safetensors --configs step_k2_best,grpo \\
@@ -231,10 +232,13 @@ def summarize(runs, baseline_name="grpo"):
             if all(y in r for r in firsts + lasts):
                 entry[f"first_{y}"] = mean_interval([r[y] for r in firsts])[0]
                 entry[f"final_{y}"], entry[f"final_{y}_ci95"] = mean_interval([r[y] for r in lasts])
+                entry[f"gain_{y}"], entry[f"gain_{y}_ci95"] = mean_interval([b[y] - a[y] for a, b in
+                                                                              zip(firsts, lasts)])
         hit = first_reaching(curves[name], "eval_oracle", target) if base_hit and curves[name] else None
         entry["steps_to_target"], entry["seconds_to_target"] = hit or (None, None)
-        entry["speedup_steps"] = base_hit[0] / hit[0] if hit else None
-        entry["speedup_seconds"] = base_hit[1] / hit[1] if hit and hit[1] > 0 else None
+        trained = hit and hit[0] > 0 and base_hit[0] > 0  # a target the base model already meets times nothing
+        entry["speedup_steps"] = base_hit[0] / hit[0] if trained else None
+        entry["speedup_seconds"] = base_hit[1] / hit[1] if trained and hit[1] > 0 else None
         entry["reward_hacking"] = {str(seed): reward_hacked(rows) for seed, rows in by_seed.items()}
         configs[name] = entry
     return dict(baseline=baseline_name, target_eval_oracle=target, target_step=base_hit[0] if base_hit else None,
@@ -251,14 +255,16 @@ def markdown_table(summary):
         ci = entry[key + "_ci95"]
         return num(entry[key]) + ("" if ci is None else f" ± {ci:.3f}")
 
-    lines = ["| configuration | seeds | first oracle | final oracle | first DRM | final DRM | final steps | "
-             "steps to target | speed-up (steps) | speed-up (device-s) | reward hacking |", "|---" * 11 + "|"]
+    lines = ["| configuration | seeds | first oracle | final oracle | oracle gain | first DRM | final DRM | "
+             "final steps | steps to target | speed-up (steps) | speed-up (device-s) | reward hacking |",
+             "|---" * 12 + "|"]
     for name, e in summary["configs"].items():
         hacked = [f for f in e["reward_hacking"].values() if f is not None]
         lines.append(f"| {name} | {len(e['seeds'])} | {num(e.get('first_eval_oracle'))} | "
-                     f"{with_ci(e, 'final_eval_oracle')} | {num(e.get('first_eval_drm'))} | "
+                     f"{with_ci(e, 'final_eval_oracle')} | {with_ci(e, 'gain_eval_oracle')} | "
+                     f"{num(e.get('first_eval_drm'))} | "
                      f"{with_ci(e, 'final_eval_drm')} | {', '.join(map(str, e['final_steps']))} | "
-                     f"{e['steps_to_target'] or '-'} | {num(e['speedup_steps'], 2)} | {num(e['speedup_seconds'], 2)} | "
+                     f"{'-' if e['steps_to_target'] is None else e['steps_to_target']} | {num(e['speedup_steps'], 2)} | {num(e['speedup_seconds'], 2)} | "
                      f"{f'{sum(hacked)}/{len(hacked)} runs' if hacked else '-'} |")
     return "\n".join(lines)
 
