@@ -298,11 +298,12 @@ def main(args):
                 totals[name].append((scores[row], truth[row]))
                 if with_grid:
                     grid.setdefault(index, {})[name] = (images[row].cpu(), scores[row], truth[row])
-                if name == "k":
-                    results.append(dict(prompt=prompt, seed=seed, k=1 if args.best_of_n else args.k,
-                                        best_of_n=args.best_of_n or None, **{f"{args.scorer}_score": scores[row]},
-                                        **({"oracle_score": truth[row]} if truth[row] is not None else {}),
-                                        step_scores=history[row], file=path))
+                chosen_method = name == "k"  # else the grid's plain k = 1 sample of the same job
+                results.append(dict(prompt=prompt, seed=seed, k=args.k if chosen_method and not args.best_of_n else 1,
+                                    best_of_n=args.best_of_n if chosen_method and args.best_of_n else None,
+                                    **{f"{args.scorer}_score": scores[row]},
+                                    **({"oracle_score": truth[row]} if truth[row] is not None else {}),
+                                    step_scores=history[row], file=path))
     with open(os.path.join(args.out, "results.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
     if with_grid:  # one row per image: plain sampling (k = 1) left, the chosen method (k, or best-of-N) right

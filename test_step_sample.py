@@ -184,21 +184,26 @@ def test_cli_writes_images_results_and_grid(tiny_dir, drm_file, tmp_path):
                       "a blue square", "--k", "2", "--steps", "3", "--height", "32", "--width", "32", "--grid",
                       "--branch-steps", "1:3", "--out", str(tmp_path))
     assert rc == 0, log[-2000:]
-    rows = [__import__("json").loads(line) for line in open(tmp_path / "results.jsonl")]
-    assert [r["prompt"] for r in rows] == ["a red circle", "a blue square"]
-    assert all(len(r["step_scores"]) == 2 and isinstance(r["drm_score"], float) for r in rows)
+    every = [__import__("json").loads(line) for line in open(tmp_path / "results.jsonl")]
+    rows, plain = [r for r in every if r["k"] == 2], [r for r in every if r["k"] == 1]  # --grid adds k = 1 rows
+    assert len(every) == 4 and [r["prompt"] for r in rows] == [r["prompt"] for r in plain] == ["a red circle",
+                                                                                               "a blue square"]
+    assert [os.path.basename(r["file"]) for r in every] == ["k_00000.png", "k_00001.png", "k1_00000.png",
+                                                           "k1_00001.png"]
+    assert all(len(r["step_scores"]) == 2 for r in rows) and all(isinstance(r["drm_score"], float) for r in every)
     assert (tmp_path / "grid.png").exists() and (tmp_path / "k_00000.png").exists()
     # Toy-world prompts also get the oracle's score; each method's means are printed.
-    assert all(0 <= r["oracle_score"] <= 1 for r in rows)
-    assert f"k=2: mean drm {np.mean([r['drm_score'] for r in rows]):.3f}, mean oracle " \
-           f"{np.mean([r['oracle_score'] for r in rows]):.3f}" in log, log[-1000:]
-    assert "k=1: mean drm" in log
+    assert all(0 <= r["oracle_score"] <= 1 for r in every)
+    for label, group in (("k=2", rows), ("k=1", plain)):
+        assert f"{label}: mean drm {np.mean([r['drm_score'] for r in group]):.3f}, mean oracle " \
+               f"{np.mean([r['oracle_score'] for r in group]):.3f}" in log, log[-1000:]
     rc, log = run_cli("--model", tiny_dir, "--drm", drm_file, "--prompt", "a red circle", "--best-of-n", "2",
                       "--k", "4", "--grid", "--steps", "2", "--height", "32", "--width", "32", "--out",
                       str(tmp_path / "bon"))
     assert rc == 0, log[-2000:]
     rows = [__import__("json").loads(line) for line in open(tmp_path / "bon" / "results.jsonl")]
     assert rows[0]["k"] == 1 and rows[0]["best_of_n"] == 2  # best-of-N samples plain trajectories, whatever --k
+    assert rows[1]["k"] == 1 and rows[1]["best_of_n"] is None  # the grid's plain sample of the same seed
     assert (tmp_path / "bon" / "grid.png").exists()  # k = 1 beside best-of-2
 
 
