@@ -23,9 +23,9 @@ Departures from the paper / Flow-GRPO:
 - Noise comes from one generator per prompt, seeded by --seed, the step and the prompt's place in the step's
   global batch (prompt_generators): runs on 1 or N GPUs at the same --prompts-per-step draw the same samples and
   follow the same curve, and a resume needs no noise state.
-- Evaluation rows of metrics.jsonl start at step 0, the base model before any update (a fresh run only); its
-  other rows are training steps 1, 2, ... At each evaluation, OUT/reward.png plots the evaluation rewards against step and device-seconds (plot.py; it
-  also overlays several runs' metrics.jsonl).
+- metrics.jsonl starts with an evaluation row at step 0, the base model before any update (fresh runs only); the
+  other rows are training steps 1, 2, ... At each evaluation, OUT/reward.png plots the evaluation rewards against
+  step and device-seconds (plot.py; it also overlays several runs' metrics.jsonl).
 
     python step_grpo.py --drm runs/toy/drm_frozen/drm.safetensors --out runs/step_grpo
     python step_grpo.py --reward oracle --mode grpo --out runs/grpo_oracle

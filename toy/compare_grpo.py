@@ -11,7 +11,8 @@
                        (no DRM: dense rewards without the DRM's errors; their baseline is grpo_oracle)
 2. Summarise (OUT/summary.json, a markdown table, OUT/oracle.png and OUT/drm.png with the seed-mean curves):
    per configuration the seed-mean of the first evaluation (step 0: the base model) and the final one, with a 95%
-   t-interval over seeds, and the gain (final minus first, paired by seed, with its interval); the speed-up: the baseline's steps (and device-seconds) to reach the baseline's final oracle score, divided by this
+   t-interval over seeds, and the gain (final minus first, paired by seed, with its interval); the speed-up: the
+   baseline's steps (and device-seconds) to reach the baseline's final oracle score, divided by this
    configuration's (baseline: grpo if it runs, else grpo_oracle; --baseline sets it); a reward-hacking flag per
    run (DRM score up while the oracle's fell by more than 0.02).
 
@@ -264,7 +265,8 @@ def markdown_table(summary):
                      f"{with_ci(e, 'final_eval_oracle')} | {with_ci(e, 'gain_eval_oracle')} | "
                      f"{num(e.get('first_eval_drm'))} | "
                      f"{with_ci(e, 'final_eval_drm')} | {', '.join(map(str, e['final_steps']))} | "
-                     f"{'-' if e['steps_to_target'] is None else e['steps_to_target']} | {num(e['speedup_steps'], 2)} | {num(e['speedup_seconds'], 2)} | "
+                     f"{'-' if e['steps_to_target'] is None else e['steps_to_target']} | "
+                     f"{num(e['speedup_steps'], 2)} | {num(e['speedup_seconds'], 2)} | "
                      f"{f'{sum(hacked)}/{len(hacked)} runs' if hacked else '-'} |")
     return "\n".join(lines)
 
