@@ -339,7 +339,8 @@ def test_compare_sampling_end_to_end(tiny_dir, drm_file, tmp_path):
         low, high = entry["oracle_ci95"]
         assert 0 <= entry["oracle_mean"] <= 1 and low <= entry["oracle_mean"] <= high
         rows[name] = [json.loads(line) for line in open(out / "images" / name / "results.jsonl")]
-        assert [(r["prompt"], r["seed"]) for r in rows[name]] == [(p, s) for p in prompts for s in (0, 1)]
+        assert [(r["prompt"], r["seed"]) for r in rows[name]] == [(p, 2 * i + j) for i, p in enumerate(prompts)
+                                                                  for j in (0, 1)]  # every job its own noise
         assert all(r["config"] == name and 0 <= r["oracle"] <= 1 and isinstance(r["drm"], float)
                    for r in rows[name])
         assert np.mean([r["oracle"] for r in rows[name]]) == pytest.approx(entry["oracle_mean"], abs=1e-4)
