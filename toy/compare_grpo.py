@@ -32,8 +32,8 @@ Choices to know:
 - A configuration that reaches the target at its first evaluation after step 0 gets a speed-up bounded by the
   evaluation grid: the true one may be larger (a smaller --eval-every resolves it).
 
-    python -m toy.compare_grpo --drm runs/toy/drm_frozen/drm.safetensors --out runs/compare --minutes 2 --seeds 0,1,2
-    python -m toy.compare_grpo --drm runs/toy/drm_frozen/drm.safetensors --configs step_k2_best,grpo \\
+    python -m toy.compare_grpo --drm toy/assets/drm.safetensors --out runs/compare --minutes 2 --seeds 0,1,2
+    python -m toy.compare_grpo --drm toy/assets/drm.safetensors --configs step_k2_best,grpo \\
         --extra "--prompts-per-step 16 --lr 1e-4" --out runs/compare_lr
 """
 import argparse
@@ -69,7 +69,9 @@ SET_PER_RUN = ("--out", "--seed", "--max-minutes", "--eval-every", "--resume", "
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--drm", default="", help="DRM checkpoint of the DRM-reward configurations (all but grpo_oracle)")
+    p.add_argument("--drm", default=os.path.join(ROOT, "toy", "assets", "drm.safetensors"),
+                   help="DRM checkpoint of the DRM-reward configurations (all but the oracle ones; default: the "
+                   "shipped one)")
     p.add_argument("--out", default="runs/compare", help="output folder: a folder NAME_sSEED per run, summary.json, "
                                                          "oracle.png, drm.png")
     p.add_argument("--minutes", type=float, default=2.0, help="training time of every run (--max-minutes)")
@@ -109,8 +111,8 @@ def check_args(args):
         raise UserError(f"--baseline {baseline!r}: not among --configs {','.join(configs)}")
     scored_by_drm = [c for c in configs if needs_drm(c)]
     if scored_by_drm and not os.path.isfile(args.drm):
-        raise UserError(f"--drm {args.drm!r}: no such file, and {', '.join(scored_by_drm)} train on the DRM (python "
-                        f"-m toy.build writes runs/toy/drm_frozen/drm.safetensors; or --configs grpo_oracle)")
+        raise UserError(f"--drm {args.drm!r}: no such file, and {', '.join(scored_by_drm)} train on the DRM (the "
+                        f"shipped one is toy/assets/drm.safetensors; or --configs grpo_oracle)")
     if args.eval_every < 1:
         raise UserError(f"--eval-every {args.eval_every}: must be >= 1 (the curves are made of the evaluations)")
     if args.group < 2:

@@ -33,8 +33,8 @@ Choices to know:
 - The oracle sees images resized to 64x64 (bilinear, antialiased) when the pipeline samples another size; the
   grid and diversity use those 64x64 images too, the PNGs keep the sampled size.
 
-    python -m toy.compare_sampling --drm runs/toy/drm_frozen/drm.safetensors --out runs/compare_sampling
-    python -m toy.compare_sampling --drm runs/toy/drm_frozen/drm.safetensors --prompts 32 --ks 1,4 --steps 20 \\
+    python -m toy.compare_sampling --out runs/compare_sampling      # the shipped pipeline and DRM
+    python -m toy.compare_sampling --prompts 32 --ks 1,4 --steps 20 \\
         --out runs/compare_sampling_quick
     python -m toy.compare_sampling --scorer oracle --out runs/compare_sampling_oracle
 """
@@ -64,7 +64,8 @@ Z95 = 1.96
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--drm", default="", help="DRM checkpoint over the pipeline's transformer")
+    p.add_argument("--drm", default=os.path.join(ROOT, "toy", "assets", "drm.safetensors"),
+                   help="DRM checkpoint over the pipeline's transformer (default: the shipped one)")
     p.add_argument("--scorer", default="drm", choices=("drm", "oracle"), help="who chooses the candidates and "
                    "best-of-N's image: the DRM, or the oracle (an upper bound; no --drm needed)")
     p.add_argument("--out", default="runs/compare_sampling", help="output folder: summary.json, grid.png, images/")
@@ -82,8 +83,8 @@ def parse_args(argv=None):
 def check_args(args):
     """-> the k values (distinct, sorted, 1 included), or one UserError naming the flag."""
     if args.scorer == "drm" and not os.path.isfile(args.drm):
-        raise UserError(f"--drm {args.drm!r}: no such file (python -m toy.build writes "
-                        f"runs/toy/drm_frozen/drm.safetensors)")
+        raise UserError(f"--drm {args.drm!r}: no such file (the shipped one is "
+                        f"toy/assets/drm.safetensors)")
     held_out = len(world.split_prompts()[1])
     if not 1 <= args.prompts <= held_out:
         raise UserError(f"--prompts {args.prompts}: must be between 1 and {held_out} (the toy world holds out "
