@@ -28,6 +28,7 @@ from data import UserError
 PIPELINE_PARTS = ("scheduler", "text_encoder", "text_encoder_2", "text_encoder_3",
                   "tokenizer", "tokenizer_2", "tokenizer_3", "transformer", "vae")
 BACKBONE_MODES = ("frozen", "lora", "full")
+SMALL_WIDTH = 512  # transformers narrower than this (the toy and test pipelines) sample in fp32 on a GPU too
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
@@ -55,6 +56,21 @@ def load_pipeline(path, dtype=torch.float32, device="cpu"):
     pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def inference_dtype(path, device):
+    """The dtype to sample a pipeline folder in: bf16 on a GPU, fp32 on the CPU, and fp32 anywhere for a transformer
+    narrower than SMALL_WIDTH, where bf16 saves nothing: the toy pipeline sampled in bf16 on a GPU scored 0.53 on
+    the oracle, in fp32 on the CPU 0.70, the same 256 jobs (docs/toy/README.md, round 6)."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    config = os.path.join(path, "transformer", "config.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            c = json.load(f)
+        if c.get("num_attention_heads", 0) * c.get("attention_head_dim", 0) < SMALL_WIDTH:
+            return torch.float32
+    return torch.bfloat16
 
 
 def default_sequence_length(pipe):

@@ -28,8 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data import UserError, read_prompts
-from model import (compile_blocks, decode_latents, default_sequence_length, encode_prompts, load_drm,
-                   load_pipeline, score_images, sde_step, transformer_suffix)
+from model import (compile_blocks, decode_latents, default_sequence_length, encode_prompts, inference_dtype,
+                   load_drm, load_pipeline, score_images, sde_step, transformer_suffix)
 from toy.world import score_tensor, vocabulary_problem
 
 TOY_MODEL, TOY_DRM = "toy/assets/pipeline", "toy/assets/drm.safetensors"
@@ -251,8 +251,7 @@ def main(args):
     check_args(args)
     prompts = args.prompt + (read_prompts(args.prompts) if args.prompts else [])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    pipe = load_pipeline(args.model, dtype=inference_dtype(args.model, device), device=device)
     multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
     default_size = pipe.default_sample_size * pipe.vae_scale_factor
     height, width = args.height or default_size, args.width or default_size

@@ -82,6 +82,20 @@ def same_tensors(a, b, atol=0.0):
 # ----------------------------------------------------------------------------------------------------------------
 # 1-2. Pipeline loading and encoding
 
+def test_inference_dtype_keeps_small_transformers_in_fp32(tiny_dir, tmp_path):
+    """bf16 only where it pays: real-size transformers on a GPU. The tiny pipeline stays fp32 everywhere."""
+    from tiny_pipeline import SD35_LARGE, SD35_MEDIUM
+    assert model.inference_dtype(str(tiny_dir), "cuda") == model.inference_dtype(str(tiny_dir), "cpu") == torch.float32
+    width = random.choice([SD35_MEDIUM, SD35_LARGE])
+    for config, on_gpu in ((width, torch.bfloat16), (dict(width, num_attention_heads=4, attention_head_dim=32),
+                                                        torch.float32)):
+        (tmp_path / "transformer").mkdir(exist_ok=True)
+        (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
+        assert model.inference_dtype(str(tmp_path), torch.device("cuda", 0)) == on_gpu
+        assert model.inference_dtype(str(tmp_path), "cpu") == torch.float32
+    assert model.inference_dtype("stabilityai/stable-diffusion-3.5-medium", "cuda") == torch.bfloat16  # no folder
+
+
 def test_load_pipeline_and_bad_folders(tiny_dir, pipe, tmp_path):
     assert type(pipe.transformer).__name__ == "SD3Transformer2DModel"
     assert pipe.transformer.config.num_layers == TINY_TRANSFORMER["num_layers"]

@@ -53,7 +53,7 @@ from tqdm import tqdm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from data import UserError  # noqa: E402
-from model import default_sequence_length, load_drm, load_pipeline  # noqa: E402
+from model import default_sequence_length, inference_dtype, load_drm, load_pipeline  # noqa: E402
 from step_sample import best_of_n, final_scores, save_png, step_sample  # noqa: E402
 from toy import world  # noqa: E402
 
@@ -268,8 +268,7 @@ def main(argv=None):
     prompts = world.split_prompts()[1][:args.prompts]
     jobs = [(prompt, i * args.seeds + j) for i, prompt in enumerate(prompts) for j in range(args.seeds)]  # (P * S)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    pipe = load_pipeline(args.pipeline, dtype=dtype, device=device)
+    pipe = load_pipeline(args.pipeline, dtype=inference_dtype(args.pipeline, device), device=device)
     drm, config = load_drm(args.drm, pipe.transformer) if args.scorer == "drm" else (None, {})
     length = config.get("max_sequence_length", default_sequence_length(pipe))
     size = pipe.default_sample_size * pipe.vae_scale_factor
