@@ -482,3 +482,78 @@ def test_deciding_shares_name_the_degradation_that_split_each_prompts_samples(se
     assert np.mean([d == expected[a // 2] for d, (a, _) in zip(decided, pairs)]) >= 0.75
     terms = world.score_terms(images, prompts)
     assert all(abs(out["term_means"][t] - terms[t].mean()) < 1e-3 for t in out["term_means"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The build's defaults and the evaluation script
+
+def test_build_defaults_are_the_shipped_recipe_and_reward_train_accepts_them(tmp_path):
+    """`python -m toy.build` with no flags runs the recipe toy/assets/build.json records for the shipped assets:
+    the build's own flags, and the DRM flags it hands to reward_train.py (parsed by reward_train's own parser)."""
+    import json
+    import shlex
+    import reward_train
+    from toy import build
+    shipped = json.load(open(os.path.join(os.path.dirname(ASSETS), "build.json")))
+    args = build.parse_args(["--out", str(tmp_path)])
+    expected = {}  # a later recipe line (a rerun of a stage) overrides an earlier one
+    for line in shipped["recipe"]:
+        if line.startswith("python -m toy.build"):
+            words = shlex.split(line.replace("OUT", str(tmp_path)))[3:]
+            recorded = build.parse_args(words)
+            expected.update({w[2:].replace("-", "_"): getattr(recorded, w[2:].replace("-", "_")) for w in words
+                             if w.startswith("--") and w not in ("--out", "--stages", "--new-transformer",
+                                                                 "--new-text-encoder", "--steps", "--patch-size")})
+    assert len(expected) >= 4, expected
+    assert {name: getattr(args, name) for name in expected} == expected
+    drm = reward_train.parse_args(build.drm_flags(args, args.drm_modes.split(",")[0], args.drm_lr.split(",")[0]))
+    recipe = shipped["drm"]
+    assert (drm.backbone, drm.lr, drm.batch_size, drm.max_minutes) == (recipe["mode"], recipe["lr"],
+                                                                       recipe["batch_size"], recipe["minutes"])
+    assert (drm.skip_last_blocks, drm.lora_rank, drm.lora_alpha) == (recipe["skip_last_blocks"],
+                                                                     recipe["lora_rank"], recipe["lora_alpha"])
+    assert drm.train_data == [os.path.join(str(tmp_path), "prefs", "train_cross.json")]
+    assert drm.model == os.path.join(str(tmp_path), "pipeline") and drm.resolution == 64
+    assert args.patch_size is None and build.transformer_config(1)["patch_size"] == shipped["transformer"][
+        "patch_size"]  # a new pipeline gets patch 1, the shipped one's
+
+
+def test_evaluate_scores_every_pair_as_the_drm_does(seed, tmp_path):
+    """toy.evaluate on a small held-out set (renders of held-out prompts, some degraded, written as the build
+    writes pairs): its clean accuracy is what the DRM's own clean scores give pair by pair, every pair is counted
+    at every sigma, and the contact sheet is written."""
+    import json
+    import torch
+    import model
+    from toy import build, evaluate
+    rng = np.random.default_rng(seed)
+    held_out = world.split_prompts()[1]
+    prompts, images = [], []
+    for prompt in [held_out[i] for i in rng.choice(len(held_out), 4, replace=False)]:
+        for kind, strength in (("none", 0), ("blur", 0.6), ("noise", 1.0)):
+            img = world.render(prompt, rng)
+            if kind != "none":
+                img = world.degrade(img, kind, rng, strength, prompt=prompt)
+            prompts.append(prompt)
+            images.append(np.asarray(img.convert("RGB"), dtype=np.uint8))
+    images = np.stack(images)
+    oracle = world.score(images, prompts)
+    records, _ = build.write_pairs(str(tmp_path), "test", prompts, images, oracle, 3)
+    results = evaluate.main(["--pairs", str(tmp_path / "test.json"), "--out", str(tmp_path / "eval"),
+                             "--sheet-prompts", "2"])
+    for sigma in evaluate.SIGMAS:
+        row = results[f"sigma={sigma:g}"]
+        assert row["n"] == len(records) and row["ci95"][0] <= row["acc"] <= row["ci95"][1]
+    pipe = model.load_pipeline(ASSETS)
+    drm, _ = model.load_drm(os.path.join(os.path.dirname(ASSETS), "drm.safetensors"), pipe.transformer)
+    drm.float()
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    embeds, pooled = model.encode_prompts(pipe, prompts, build.MAX_SEQUENCE_LENGTH)
+    with torch.no_grad():
+        scores = model.score_images(drm, pipe.vae, pixels, embeds, pooled).numpy()
+    index = {f"images/test/{i:06d}.png": i for i in range(len(images))}
+    right = [scores[index[r["path1"]]] > scores[index[r["path2"]]] for r in records]
+    assert results["sigma=0"]["acc"] == round(float(np.mean(right)), 4)
+    assert results["spearman"]["n"] == len(images)
+    assert Image.open(tmp_path / "eval" / "contact_sheet.png").size[0] > 0
+    assert json.load(open(tmp_path / "eval" / "results.json"))["pairs"] == len(records)

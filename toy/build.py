@@ -10,10 +10,17 @@ oracle as an HPDv3 preference set, and a DRM trained on that set by reward_train
    training (logit-normal t, v = eps - x0) on frozen random CLIP-L/CLIP-G/T5 text encoders (T5 reads the toy
    vocabulary as whole words); 10% empty prompts for classifier-free guidance.
 4. Preference set: base samples (the diffusers pipeline, CFG) for train and held-out prompts, pairs of samples of
-   the same prompt, winner = higher oracle, confidence = 1 - exp(-gap / 0.05) (>= 0.95 iff gap >= 0.15).
-5. DRM: `reward_train.py` on those files (frozen backbone by default; --drm-modes compares several).
+   the same prompt, winner = higher oracle, confidence = 1 - exp(-gap / 0.05) (>= 0.95 iff gap >= 0.15); for the
+   train prompts also cross pairs against samples of a neighbour prompt (train_cross.json).
+5. DRM: `reward_train.py` on those files (LoRA backbone on the cross pairs by default; --drm-modes compares
+   several). OUT/assets then holds what the repo ships: the pipeline and the first DRM in fp16.
 
-    python -m toy.build --out runs/toy                     # ~9 min on one H200; CPU works (use --quick)
+The defaults are the recipe of the shipped assets (toy/assets/build.json): about 15 minutes on one H200 (data and
+VAE 1 min, transformer 6.3, samples and pairs 2.7, DRM 5). A machine that stops commands at 10 minutes runs it in
+two: --stages data,vae,transformer, then --stages pairs,drm,assets. Whether the generator learns the word order
+of two-object prompts varies from run to run at this budget (docs/toy/README.md, round 7).
+
+    python -m toy.build --out runs/toy                     # ~15 min on one H200; CPU works (use --quick)
     python -m toy.build --out runs/toy --quick             # a few minutes on CPU: tiny budgets, for testing
     python -m toy.build --out runs/toy --stages transformer,pairs --steps 3000 --transformer-lr 2e-4
                                                            # train the saved pipeline's transformer further
@@ -64,9 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=TRANSFORMER["num_attention_heads"], help="attention heads of 32 "
                    "channels each: the transformer's width is 32 x heads (a new transformer only)")
     p.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps")
-    p.add_argument("--steps", type=int, default=3400, help="transformer training steps")
-    p.add_argument("--vae-minutes", type=float, default=1.5, help="cap on VAE training time (steps shrink to fit)")
-    p.add_argument("--transformer-minutes", type=float, default=5.0, help="cap on transformer training time")
+    p.add_argument("--steps", type=int, default=40000, help="transformer training steps (--transformer-minutes "
+                   "caps them)")
+    p.add_argument("--vae-minutes", type=float, default=1.0, help="cap on VAE training time (steps shrink to fit)")
+    p.add_argument("--transformer-minutes", type=float, default=6.3, help="cap on transformer training time")
     p.add_argument("--batch-size", type=int, default=256, help="VAE batch size")
     p.add_argument("--transformer-batch-size", type=int, default=512, help="transformer batch size")
     p.add_argument("--transformer-lr", type=float, default=4e-4, help="transformer peak learning rate")
@@ -84,15 +92,18 @@ def parse_args(argv=None):
     p.add_argument("--patch-size", type=int, choices=(1, 2), help="transformer patch size (1: 16 x 16 tokens); "
                    "default 1 for a new pipeline, the saved one's when continuing; another size than the saved "
                    "one trains a new transformer over the saved VAE and text encoders")
-    p.add_argument("--samples-per-prompt", type=int, default=4, help="base samples per prompt for the pairs")
+    p.add_argument("--samples-per-prompt", type=int, default=16, help="base samples per prompt for the pairs")
     p.add_argument("--sample-steps", type=int, default=20, help="denoising steps for the preference samples")
     p.add_argument("--guidance", type=float, default=4.5, help="CFG scale for the preference samples")
-    p.add_argument("--cross-pairs", type=int, default=0, help="per train prompt: extra pairs of one of its "
+    p.add_argument("--cross-pairs", type=int, default=48, help="per train prompt: extra pairs of one of its "
                    "samples against a sample of a neighbour prompt (one word changed), both scored under it")
-    p.add_argument("--drm-steps", type=int, default=1000, help="DRM training steps (reward_train.py)")
-    p.add_argument("--drm-modes", default="frozen", help="DRMs to train, comma-separated MODE or MODE@PAIRS "
+    p.add_argument("--drm-steps", type=int, default=50000, help="DRM training steps (reward_train.py; "
+                   "--drm-minutes caps them)")
+    p.add_argument("--drm-minutes", type=float, default=4.57, help="cap on each DRM's training time (0: none)")
+    p.add_argument("--drm-batch-size", type=int, default=128, help="DRM batch size (pairs)")
+    p.add_argument("--drm-modes", default="lora@train_cross", help="DRMs to train, comma-separated MODE or MODE@PAIRS "
                    "(PAIRS: train or train_cross, the pairs file under prefs/); the first is shipped")
-    p.add_argument("--drm-lr", default="1e-4", help="DRM learning rate(s): one, or one per --drm-modes entry")
+    p.add_argument("--drm-lr", default="2e-4", help="DRM learning rate(s): one, or one per --drm-modes entry")
     p.add_argument("--drm-args", default="", help="extra reward_train.py flags, e.g. '--backbone full'")
     p.add_argument("--stages", default="data,vae,transformer,pairs,drm,assets", help="which stages to run; "
                    "transformer without vae continues the saved pipeline's transformer")
@@ -105,7 +116,8 @@ def parse_args(argv=None):
     if args.quick:
         args.num_images, args.vae_steps, args.steps, args.batch_size = 512, 30, 30, 32
         args.transformer_batch_size = 32
-        args.samples_per_prompt, args.sample_steps, args.drm_steps = 2, 4, 20
+        args.samples_per_prompt, args.sample_steps, args.drm_steps, args.drm_minutes = 2, 4, 20, 0.0
+        args.cross_pairs, args.drm_batch_size = 4, 16
     return args
 
 
@@ -433,6 +445,21 @@ def drm_name(entry):
     return f"drm_{mode}" + (f"_{pairs}" if pairs and pairs != "train" else "")
 
 
+def drm_flags(args, entry, lr):
+    """reward_train.py's flags for one --drm-modes entry (MODE or MODE@PAIRS) of the build in args.out."""
+    mode, _, pairs = entry.partition("@")
+    prefs = os.path.join(args.out, "prefs")
+    return ["--model", os.path.join(args.out, "pipeline"), "--backbone", mode,
+            "--train-data", os.path.join(prefs, f"{pairs or 'train'}.json"),
+            "--test-data", os.path.join(prefs, "test.json"), "--resolution", "64",
+            "--max-sequence-length", str(MAX_SEQUENCE_LENGTH), "--skip-last-blocks", "1", "--lr", lr,
+            "--batch-size", str(args.drm_batch_size), "--max-steps", str(args.drm_steps),
+            "--max-minutes", str(args.drm_minutes), "--eval-every", "0", "--save-every", "500",
+            "--num-workers", str(min(6, os.cpu_count() or 1)), "--seed", str(args.seed),
+            "--eval-pairs", "3000", "--eval-batch-size", "256",
+            "--out", os.path.join(args.out, drm_name(entry)), *args.drm_args.split()]
+
+
 def _finish_drm(job, report):
     name, out, t0, process = job
     if process.wait() != 0:
@@ -526,18 +553,8 @@ def main(args):
             raise SystemExit(f"--drm-lr: give one learning rate or one per --drm-modes entry ({len(entries)})")
         for i, entry in enumerate(entries):
             # The same steps and flags for every DRM; the first entry's DRM is the shipped one.
-            mode, _, pairs = entry.partition("@")
-            name = drm_name(entry)
-            out = os.path.join(args.out, name)
-            command = [sys.executable, "reward_train.py", "--model", pipeline_dir, "--backbone", mode,
-                       "--train-data", os.path.join(prefs, f"{pairs or 'train'}.json"), "--test-data",
-                       os.path.join(prefs, "test.json"), "--resolution", "64", "--max-sequence-length",
-                       str(MAX_SEQUENCE_LENGTH), "--skip-last-blocks", "1", "--lr", lrs[i % len(lrs)],
-                       "--batch-size", "64",
-                       "--max-steps", str(args.drm_steps), "--eval-every", str(max(args.drm_steps // 3, 1)),
-                       "--save-every", str(args.drm_steps), "--num-workers", "4", "--seed", str(args.seed),
-                       "--eval-pairs", "500", "--eval-batch-size", "128",
-                       "--out", out, *args.drm_args.split()]
+            name, out = drm_name(entry), os.path.join(args.out, drm_name(entry))
+            command = [sys.executable, "reward_train.py", *drm_flags(args, entry, lrs[i % len(lrs)])]
             print("5. " + " ".join(command), flush=True)
             # One at a time: DRMs trained side by side on one GPU ran ~20x slower (the processes time-share it).
             _finish_drm((name, out, time.time(), subprocess.Popen(command, cwd=ROOT)), report)

@@ -70,9 +70,9 @@ def drm_scores(drm, pipe, latents, prompts, sigma, generator, batch=256):
     for i in range(0, len(latents), batch):
         x0, chunk = latents[i:i + batch], prompts[i:i + batch]
         embeds, pooled = encode_prompts(pipe, chunk, MAX_SEQUENCE_LENGTH)
-        noise = torch.randn(x0.shape, generator=generator)
-        x = (1 - sigma) * x0 + sigma * noise
-        out.append(drm(x, torch.full((len(x0),), 1000 * sigma), embeds, pooled))
+        noise = torch.randn(x0.shape, generator=generator)  # on the CPU: the same noise on every device
+        x = ((1 - sigma) * x0 + sigma * noise).to(embeds.device)
+        out.append(drm(x, torch.full((len(x0),), 1000 * sigma, device=x.device), embeds, pooled).float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -101,9 +101,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
-    pipe = load_pipeline(args.pipeline)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 on either: the scores agree to ~1e-4
+    pipe = load_pipeline(args.pipeline, device=device)
     drm, _ = load_drm(args.drm, pipe.transformer)
-    drm.float().eval()
+    drm.float().to(device).eval()
 
     # The distinct held-out samples behind the pairs, their oracle scores and clean latents.
     records, folder = read_records(args.pairs), os.path.dirname(os.path.abspath(args.pairs))
@@ -114,7 +115,8 @@ def main(argv=None):
     images = ((pixels.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
     prompts = [prompt_of[path] for path in paths]
     oracle = world.score(images, prompts)
-    latents = torch.cat([encode_images(pipe.vae, pixels[i:i + 256]) for i in range(0, len(pixels), 256)])
+    latents = torch.cat([encode_images(pipe.vae, pixels[i:i + 256]).float().cpu()
+                         for i in range(0, len(pixels), 256)])
 
     results = dict(samples=len(paths), pairs=len(records))
     win = np.array([index[r["path1"]] for r in records])
