@@ -25,7 +25,8 @@ Departures from the paper / Flow-GRPO:
   follow the same curve, and a resume needs no noise state.
 - metrics.jsonl starts with an evaluation row at step 0, the base model before any update (fresh runs only); the
   other rows are training steps 1, 2, ... At each evaluation, OUT/reward.png plots the evaluation rewards against
-  step and device-seconds (plot.py; it also overlays several runs' metrics.jsonl).
+  step and device-seconds (plot.py; it also overlays several runs' metrics.jsonl), and OUT/samples/step_N.png
+  holds up to 8 of its samples with their scores (the same prompts and noise every time: before and after).
 
     python step_grpo.py --drm runs/toy/drm_frozen/drm.safetensors --out runs/step_grpo
     python step_grpo.py --reward oracle --mode grpo --out runs/grpo_oracle
@@ -275,10 +276,12 @@ def policy_loss(model, record, embeds, pooled, ctx):
 
 
 @torch.no_grad()
-def evaluate(prompts, ctx, rank, world):
+def evaluate(prompts, ctx, rank, world, step):
     """Deterministic (ODE) samples of the held-out prompts, scored by the DRM (t = 0) and, on toy prompts, the
-    oracle. The same seeds every time, so evaluations along training are comparable."""
-    from step_sample import step_sample
+    oracle. The same seeds every time, so evaluations along training are comparable. Rank 0 writes its first
+    batch (up to 8 samples, captioned with their scores) to OUT/samples/step_STEP.png: the same prompts and noise
+    at every evaluation, so the PNGs of a run show what training changed."""
+    from step_sample import save_grid, step_sample
     args, pipe = ctx["args"], ctx["pipe"]
     mine = prompts[rank::world]
     sums = torch.zeros(3, device=ctx["device"])  # drm, oracle, count
@@ -291,12 +294,19 @@ def evaluate(prompts, ctx, rank, world):
                                         else 1.0, noise_level=0.0, height=ctx["height"], width=ctx["width"],
                                         max_sequence_length=ctx["length"], return_latents=True)
         latents = latents.float()
+        drm = oracle = [None] * len(batch)
         if ctx["drm"] is not None:
             pos, _, pos_pooled, _ = ctx["encode"](batch)
-            sums[0] += drm_scores(latents, 0.0, pos, pos_pooled, ctx).sum()
+            drm = drm_scores(latents, 0.0, pos, pos_pooled, ctx)
+            sums[0] += drm.sum()
         if ctx["toy"]:
-            sums[1] += oracle_scores(pipe.vae, latents, batch).sum()
+            oracle = oracle_scores(pipe.vae, latents, batch)
+            sums[1] += oracle.sum()
         sums[2] += len(batch)
+        if rank == 0 and start == 0:
+            os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+            save_grid([list(zip(decode_latents(pipe.vae, latents), drm, oracle))],  # captions: DRM, oracle
+                      os.path.join(args.out, "samples", f"step_{step:06d}.png"))
     if world > 1:
         dist.all_reduce(sums)
     row = dict(eval_prompts=int(sums[2]))
@@ -492,7 +502,7 @@ def main(args):
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, then exit
     if eval_prompts and start_step == 0:  # step 0: the base model (the LoRA starts at zero), where curves begin
-        row = dict(step=0, device_seconds=0.0, **evaluate(eval_prompts, ctx, rank, world))
+        row = dict(step=0, device_seconds=0.0, **evaluate(eval_prompts, ctx, rank, world, step=0))
         print0(f"step 0 (base model) eval: {({k: v for k, v in row.items() if k.startswith('eval')})}", rank=rank)
         if metrics:
             metrics.write(json.dumps(row) + "\n")
@@ -546,7 +556,7 @@ def main(args):
         evaluated = eval_prompts and (last or (args.eval_every and done % args.eval_every == 0))
         if evaluated:
             with swapped_in(trainable, ema):
-                row.update(evaluate(eval_prompts, ctx, rank, world))
+                row.update(evaluate(eval_prompts, ctx, rank, world, step=done))
             print0(f"step {done} eval: {({k: v for k, v in row.items() if k.startswith('eval')})}", rank=rank)
         if metrics:
             metrics.write(json.dumps(row) + "\n")

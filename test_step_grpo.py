@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
@@ -217,6 +218,12 @@ def test_step_mode_run_is_on_policy_and_trains(step_run, tiny_dir):
     assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 1
     with Image.open(os.path.join(step_run, "reward.png")) as png:  # the plot of the evaluations, refreshed at each
         assert png.format == "PNG" and png.size[0] > 400
+    # Each evaluation's first samples (one eval prompt, 32 px, in a 72 px captioned cell): same prompt and noise,
+    # other weights after the updates.
+    names = sorted(os.listdir(os.path.join(step_run, "samples")))
+    assert names == [f"step_{s:06d}.png" for s in [0] + [r["step"] for r in rows if "eval_drm" in r]]
+    before, after = (np.asarray(Image.open(os.path.join(step_run, "samples", n))) for n in (names[0], names[-1]))
+    assert before.shape == after.shape == (32 + 12, 72, 3) and not np.array_equal(before, after)
 
 
 def test_max_minutes_stops_evaluates_and_saves(tiny_dir, drm_file, tmp_path):
@@ -532,6 +539,9 @@ def test_compare_grpo_end_to_end(tiny_dir, drm_file, tmp_path):
         assert os.path.isfile(out / f"{name}_s0" / "done.json") and os.path.isfile(out / f"{name}_s0" / "checkpoint.pt")
         assert entry["final_steps"] == [run_rows[-1]["step"]] and entry["final_eval_oracle_ci95"] is None  # 1 seed
         assert entry["final_eval_drm"] == pytest.approx(run_rows[-1]["eval_drm"])
+    with Image.open(out / "before_after.png") as grid:  # per configuration: its step-0 and its last samples
+        row = Image.open(out / "grpo_s0" / "samples" / "step_000000.png")
+        assert grid.size == (170 + row.width, 2 * 2 * row.height)
     grpo = summary["configs"]["grpo"]
     assert grpo["first_steps"] == [0] and summary["configs"]["step_k2_best"]["first_steps"] == [0]  # the base
     # The target is grpo's final score: timed from step 0 unless the base model already met it (a random model).

@@ -9,7 +9,8 @@
        grpo_oracle     --mode grpo --group G --reward oracle (no DRM: GRPO on the true reward)
        step_k2_oracle  step_k4_oracle: step mode, --continue best, the oracle on each candidate's clean prediction
                        (no DRM: dense rewards without the DRM's errors; their baseline is grpo_oracle)
-2. Summarise (OUT/summary.json, a markdown table, OUT/oracle.png and OUT/drm.png with the seed-mean curves):
+2. Summarise (OUT/summary.json, a markdown table, OUT/oracle.png and OUT/drm.png with the seed-mean curves,
+   OUT/before_after.png with the first seed's evaluation samples of every configuration at step 0 and at the end):
    per configuration the seed-mean of the first evaluation (step 0: the base model) and the final one, with a 95%
    t-interval over seeds, and the gain (final minus first, paired by seed, with its interval); the speed-up: the
    baseline's steps (and device-seconds) to reach the baseline's final oracle score, divided by this
@@ -275,6 +276,29 @@ def markdown_table(summary):
 
 # ----------------------------------------------------------------------------------------------------------------
 
+def before_after(out, configs, seed, path):
+    """One PNG: for each configuration, the first seed's evaluation samples at step 0 (the base model) above the
+    same prompts and noise at its last evaluation (step_grpo.py's OUT/samples), labelled on the left."""
+    from PIL import Image, ImageDraw
+    rows = []
+    for name in configs:
+        folder = os.path.join(out, f"{name}_s{seed}", "samples")
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        for png in (names[0], names[-1]) if len(names) > 1 else ():  # step 0 and the last evaluation
+            rows.append((f"{name}  step {int(png[5:11])}", Image.open(os.path.join(folder, png)).convert("RGB")))
+    if not rows:
+        return None
+    label_w = 170
+    sheet = Image.new("RGB", (label_w + max(im.width for _, im in rows), sum(im.height for _, im in rows)), "white")
+    draw, y = ImageDraw.Draw(sheet), 0
+    for label, image in rows:
+        sheet.paste(image, (label_w, y))
+        draw.text((4, y + image.height // 2 - 6), label, fill="black")
+        y += image.height
+    sheet.save(path)
+    return sheet
+
+
 def main(argv=None):
     args = parse_args(argv)
     configs, seeds, extra, baseline = check_args(args)
@@ -312,7 +336,8 @@ def main(argv=None):
     for y, png in (("eval_oracle", "oracle.png"), ("eval_drm", "drm.png")):
         curves = [(name, mean_curve(list(runs[name].values()), y)) for name in configs]
         plot_runs([(name, curve) for name, curve in curves if curve], y, os.path.join(out, png))
-    print(f"wrote {out}/summary.json, oracle.png, drm.png")
+    grid = before_after(out, configs, seeds[0], os.path.join(out, "before_after.png"))
+    print(f"wrote {out}/summary.json, oracle.png, drm.png" + (", before_after.png" if grid else ""))
 
 
 if __name__ == "__main__":
