@@ -62,6 +62,8 @@ class Args:
     prompts: str = field(default="", metadata={"help": "training prompt file; empty: the toy world's train prompts"})
     eval_prompts: str = field(default="", metadata={"help": "held-out prompt file; empty: the toy held-out prompts"})
     eval_num: int = field(default=64, metadata={"help": "evaluate on the first N held-out prompts (0: all)"})
+    eval_batch_size: int = field(default=8, metadata={"help": "held-out prompts per evaluation batch and rank (the "
+                                                              "toy model on a GPU is launch-bound: use 64)"})
     k: int = field(default=4, metadata={"help": "step mode: SDE candidates per step"})
     group: int = field(default=24, metadata={"help": "grpo mode: trajectories per prompt"})
     continue_from: str = field(default="best", metadata={"help": "step mode: continue from the best | random "
@@ -285,8 +287,8 @@ def evaluate(prompts, ctx, rank, world, step):
     args, pipe = ctx["args"], ctx["pipe"]
     mine = prompts[rank::world]
     sums = torch.zeros(3, device=ctx["device"])  # drm, oracle, count
-    for start in range(0, len(mine), 8):
-        batch = mine[start:start + 8]
+    for start in range(0, len(mine), args.eval_batch_size):
+        batch = mine[start:start + args.eval_batch_size]
         with ctx["autocast"]():
             seeds = [args.seed + 7 * (rank + world * (start + j)) for j in range(len(batch))]  # by global index
             _, _, latents = step_sample(pipe, None, batch, seeds,
@@ -305,7 +307,7 @@ def evaluate(prompts, ctx, rank, world, step):
         sums[2] += len(batch)
         if rank == 0 and start == 0:
             os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-            save_grid([list(zip(decode_latents(pipe.vae, latents), drm, oracle))],  # captions: DRM, oracle
+            save_grid([list(zip(decode_latents(pipe.vae, latents[:8]), drm, oracle))],  # captions: DRM, oracle
                       os.path.join(args.out, "samples", f"step_{step:06d}.png"))
     if world > 1:
         dist.all_reduce(sums)
@@ -372,7 +374,8 @@ def check_args(args, world):
         raise UserError(f"--ema {args.ema}: the EMA decay must lie in [0, 1) (0: off; Flow-GRPO's is 0.9)")
     if args.lora_rank <= 0 or args.lora_alpha <= 0:
         raise UserError(f"--lora-rank {args.lora_rank} / --lora-alpha {args.lora_alpha} must be > 0")
-    for name in ("steps", "eval_steps", "inner_epochs", "save_every", "max_steps", "prompts_per_step"):
+    for name in ("steps", "eval_steps", "eval_batch_size", "inner_epochs", "save_every", "max_steps",
+                 "prompts_per_step"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.prompts_per_step % world:

@@ -385,6 +385,21 @@ def other_drm(tmp_path_factory):
     return path
 
 
+def test_evaluation_does_not_depend_on_its_batch_size(tiny_dir, drm_file, tmp_path):
+    """Each held-out prompt's noise is seeded by its place in the list, so another batching of the evaluation gives
+    the same samples and scores (the step-0 row: the base model)."""
+    rows = []
+    for size in ("1", "2"):
+        out = str(tmp_path / f"batch{size}")
+        step_grpo.main(step_grpo.parse_args(["--model", tiny_dir, "--drm", drm_file, "--max-steps", "1",
+                                             "--eval-every", "0", "--out", out, *RUN, "--eval-num", "3",
+                                             "--eval-batch-size", size]))
+        rows.append(metrics(out, base=True)[0])
+    assert rows[0]["step"] == 0 and rows[0]["eval_prompts"] == rows[1]["eval_prompts"] == 3
+    assert rows[0]["eval_drm"] == pytest.approx(rows[1]["eval_drm"], abs=1e-4)
+    assert rows[0]["eval_oracle"] == pytest.approx(rows[1]["eval_oracle"], abs=1e-4)
+
+
 def test_bad_inputs(tiny_dir, drm_file, other_drm, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
@@ -399,6 +414,7 @@ def test_bad_inputs(tiny_dir, drm_file, other_drm, tmp_path):
         "--k 1": ["--k", "1"],
         "--group 1": ["--mode", "grpo", "--group", "1"],
         "--lora-rank 0": ["--lora-rank", "0"],
+        "--eval-batch-size must be >= 1": ["--eval-batch-size", "0"],
         "trained over a transformer with num_layers=3": ["--drm", other_drm],
         "--drm is required": ["--drm", "", "--reward", "drm"],
         "scores toy-world prompts only": ["--reward", "oracle", "--prompts", str(cat)],

@@ -131,7 +131,8 @@ def check_args(args):
 def run_flags(name, seed, run_dir, args, extra):
     """step_grpo.py's flags of one run: the configuration's, the common ones, then --extra (later flags win)."""
     flags = [*CONFIGS[name], "--seed", str(seed), "--max-minutes", str(args.minutes), "--eval-every",
-             str(args.eval_every), "--cfg-in-loss", "--resume", "latest", "--out", run_dir]
+             str(args.eval_every), "--eval-batch-size", "64",  # the toy model: one batch per evaluation
+             "--cfg-in-loss", "--resume", "latest", "--out", run_dir]
     if "grpo" in CONFIGS[name]:
         flags += ["--group", str(args.group)]
     if needs_drm(name):
