@@ -392,17 +392,25 @@ def _role_probe_accuracy(t5, tokenizer):
 
 def test_frozen_t5_tells_each_colour_word_where_its_object_goes(seed, monkeypatch):
     """The build's random T5 (new_t5) carries each colour word's role in a two-object prompt, linearly: what the
-    generator needs to put the objects in the named order. Without the scaled position biases it does not."""
+    generator needs to put the objects in the named order. Without the scaled position biases it does not. One
+    init's probe varies (0.76-1.0 scaled, 0.32-0.73 unscaled, 60 seeds), so each side is the mean over 3 inits
+    (over 20 such triples: scaled >= 0.88, ahead of unscaled by >= 0.35)."""
     import torch
     from tiny_pipeline import tiny_tokenizers
     from toy import build
     _, tokenizer = tiny_tokenizers(sorted({w for p in world.all_prompts() for w in p.split()}))
-    torch.manual_seed(seed)
-    shipped = _role_probe_accuracy(build.new_t5(len(tokenizer)), tokenizer)
+
+    def mean_probe():
+        accuracies = []
+        for s in range(seed, seed + 3):
+            torch.manual_seed(s)
+            accuracies.append(_role_probe_accuracy(build.new_t5(len(tokenizer)), tokenizer))
+        return float(np.mean(accuracies))
+
+    shipped = mean_probe()
     monkeypatch.setattr(build, "T5_BIAS_SCALE", 1.0)
-    torch.manual_seed(seed)
-    unscaled = _role_probe_accuracy(build.new_t5(len(tokenizer)), tokenizer)
-    assert shipped >= 0.85 and shipped > unscaled + 0.2, (shipped, unscaled)
+    unscaled = mean_probe()
+    assert shipped >= 0.8 and shipped > unscaled + 0.2, (shipped, unscaled)
 
 
 # ----------------------------------------------------------------------------------------------------------------
