@@ -28,7 +28,7 @@ Departures from the paper / Flow-GRPO:
   step and device-seconds (plot.py; it also overlays several runs' metrics.jsonl), and OUT/samples/step_N.png
   holds up to 8 of its samples with their scores (the same prompts and noise every time: before and after).
 
-    python step_grpo.py --drm runs/toy/drm_frozen/drm.safetensors --out runs/step_grpo
+    python step_grpo.py --drm toy/assets/drm.safetensors --out runs/step_grpo
     python step_grpo.py --reward oracle --mode grpo --out runs/grpo_oracle
     torchrun --nproc_per_node=8 step_grpo.py --model /models/sd3.5-medium --drm runs/drm/drm.safetensors \\
         --prompts prompts.txt --eval-prompts eval.txt --height 512 --width 512 --cfg-in-loss --out runs/step_grpo

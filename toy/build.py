@@ -168,7 +168,8 @@ def new_t5(vocab_size):
     word's output mixes in its neighbours by offset: a colour word then carries its role in the prompt (before or
     after "above", ...). A linear probe reads the spatial role of each colour word of held-out two-object prompts
     from the word's output at 0.76-1.0 (mean 0.95 over 60 inits; chance 0.25) this way, at 0.32 with T5's default
-    init (8 buckets, one init), and the colour itself at 1.0 in both; the generator needs the role to put the objects in the named order."""
+    init (8 buckets, one init), and the colour itself at 1.0 in both; the generator needs the role to put the
+    objects in the named order."""
     t5 = T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=128, d_kv=32, d_ff=256, num_layers=2,
                                  num_heads=4, relative_attention_num_buckets=32))
     with torch.no_grad():
