@@ -565,3 +565,40 @@ def test_evaluate_scores_every_pair_as_the_drm_does(seed, tmp_path):
     assert results["spearman"]["n"] == len(images)
     assert Image.open(tmp_path / "eval" / "contact_sheet.png").size[0] > 0
     assert json.load(open(tmp_path / "eval" / "results.json"))["pairs"] == len(records)
+
+
+def test_build_makes_pairs_trains_the_drm_and_writes_the_assets(tmp_path):
+    """The build's last stages over a copy of the shipped pipeline at smoke budgets (8 train and 8 held-out
+    prompts): HPDv3 pair files (own-prompt pairs and, for the train prompts, cross pairs; winner = higher oracle),
+    a LoRA DRM trained by reward_train.py in a subprocess, and OUT/assets: the pipeline and the DRM in fp16, which
+    loads over it."""
+    import json
+    import shutil
+    import torch
+    from safetensors import safe_open
+    import model
+    from toy import build
+    shutil.copytree(ASSETS, tmp_path / "pipeline")
+    build.main(build.parse_args(["--out", str(tmp_path), "--stages", "pairs,drm,assets", "--max-prompts", "8",
+                                 "--samples-per-prompt", "4", "--sample-steps", "6", "--cross-pairs", "3",
+                                 "--drm-steps", "2", "--drm-minutes", "0", "--drm-batch-size", "4"]))
+    prefs = tmp_path / "prefs"
+    records = {name: json.load(open(prefs / f"{name}.json")) for name in ("train", "test", "train_cross")}
+    for name, rows in records.items():
+        assert rows, name
+        for r in rows:
+            assert r["oracle1"] > r["oracle2"] and 0 <= r["confidence"] <= 1
+            assert os.path.isfile(prefs / r["path1"]) and os.path.isfile(prefs / r["path2"])
+    cross = [r for r in records["train_cross"] if r.get("kind") == "cross"]
+    assert cross and records["train_cross"][:len(records["train"])] == records["train"]
+    assert {r["prompt"] for r in records["test"]} <= set(world.split_prompts()[1][:8])
+    report = json.load(open(tmp_path / "build.json"))
+    assert report["drm_lora_train_cross"]["step"] == 2 and report["samples_test"]["n"] == 8 * 4
+    with safe_open(str(tmp_path / "assets" / "drm.safetensors"), framework="pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    pipe = model.load_pipeline(str(tmp_path / "assets" / "pipeline"))
+    drm, _ = model.load_drm(str(tmp_path / "assets" / "drm.safetensors"), pipe.transformer)
+    embeds, pooled = model.encode_prompts(pipe, ["a red circle"], build.MAX_SEQUENCE_LENGTH)
+    with torch.no_grad():
+        score = drm.float()(torch.randn(1, 16, 16, 16), torch.tensor([500.0]), embeds, pooled)
+    assert torch.isfinite(score).all()

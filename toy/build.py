@@ -105,6 +105,8 @@ def parse_args(argv=None):
                    "(PAIRS: train or train_cross, the pairs file under prefs/); the first is shipped")
     p.add_argument("--drm-lr", default="2e-4", help="DRM learning rate(s): one, or one per --drm-modes entry")
     p.add_argument("--drm-args", default="", help="extra reward_train.py flags, e.g. '--backbone full'")
+    p.add_argument("--max-prompts", type=int, default=0, help="use only the first N train and N held-out prompts "
+                   "(0: all; for smoke runs)")
     p.add_argument("--stages", default="data,vae,transformer,pairs,drm,assets", help="which stages to run; "
                    "transformer without vae continues the saved pipeline's transformer")
     args = p.parse_args(argv)
@@ -117,7 +119,7 @@ def parse_args(argv=None):
         args.num_images, args.vae_steps, args.steps, args.batch_size = 512, 30, 30, 32
         args.transformer_batch_size = 32
         args.samples_per_prompt, args.sample_steps, args.drm_steps, args.drm_minutes = 2, 4, 20, 0.0
-        args.cross_pairs, args.drm_batch_size = 4, 16
+        args.cross_pairs, args.drm_batch_size, args.max_prompts = 4, 16, args.max_prompts or 64
     return args
 
 
@@ -476,7 +478,7 @@ def main(args):
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     stages, report, t_start = set(args.stages.split(",")), {}, time.time()
-    train_prompts, held_out = world.split_prompts()
+    train_prompts, held_out = (prompts[:args.max_prompts or None] for prompts in world.split_prompts())
     pipeline_dir = os.path.join(args.out, "pipeline")
 
     if "vae" in stages or "transformer" in stages:  # both need the renders ("data")
