@@ -87,8 +87,9 @@ class Args:
                                                                 "(a multiple of the number of ranks)"})
     inner_epochs: int = field(default=1, metadata={"help": "updates on each rollout batch"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps (rollout + update) to run"})
-    max_minutes: float = field(default=0.0, metadata={"help": "stop (evaluate, save) once training has run this "
-                                                              "long (0: no limit): runs compared at equal wall time"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop (evaluate, save) once training (rollouts and "
+                                                              "updates; not evaluations) has run this long (0: no "
+                                                              "limit): runs compared at equal training time"})
     eval_every: int = field(default=25, metadata={"help": "evaluate every N steps (and at the end); 0: end only"})
     save_every: int = field(default=25, metadata={"help": "checkpoint every N steps (and at the end)"})
     out: str = field(default="runs/step_grpo", metadata={"help": "output folder: checkpoint.pt, lora/, "
@@ -456,7 +457,7 @@ def main(args):
     # Resume: LoRA, optimizer, step (= data position and noise seeds), every rank's torch RNG state.
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     start_step, checkpoint_path = 0, os.path.join(args.out, "checkpoint.pt")
-    device_seconds, elapsed = 0.0, 0.0
+    device_seconds, train_seconds = 0.0, 0.0  # training seconds of all ranks; of this rank (--max-minutes)
     resume_path = checkpoint_path if args.resume == "latest" else args.resume
     if resume_path and os.path.isfile(resume_path):
         checkpoint = torch.load(resume_path, map_location=device, weights_only=False)
@@ -472,7 +473,7 @@ def main(args):
                 e.copy_(v)
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_step = checkpoint["step"]
-        device_seconds, elapsed = checkpoint.get("device_seconds", 0.0), checkpoint.get("elapsed", 0.0)
+        device_seconds, train_seconds = checkpoint["device_seconds"], checkpoint["train_seconds"]
         if len(checkpoint["rng"]) == world:
             torch.set_rng_state(checkpoint["rng"][rank]["torch"])
         else:  # the noise is seeded by step and prompt position: only the global torch RNG is reseeded
@@ -495,7 +496,7 @@ def main(args):
         if rank == 0:
             lora = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(transformer).items()}
             checkpoint = dict(lora=lora, optimizer=optimizer.state_dict(), step=step, rng=states, args=asdict(args),
-                              device_seconds=device_seconds, elapsed=time.time() - t_start,
+                              device_seconds=device_seconds, train_seconds=train_seconds,
                               ema=[e.cpu() for e in ema] if ema is not None else None)
             torch.save(checkpoint, checkpoint_path + ".tmp")
             os.replace(checkpoint_path + ".tmp", checkpoint_path)
@@ -511,7 +512,6 @@ def main(args):
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             history.append(row)
-    t_start = time.time() - elapsed  # --max-minutes counts the time before a resume too
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=rank != 0)
     for step in bar:
         t0 = time.time()
@@ -548,12 +548,13 @@ def main(args):
             totals /= world
         seconds = time.time() - t0
         device_seconds += seconds * world
+        train_seconds += seconds  # --max-minutes counts the time before a resume too
         row = dict(step=done, reward=totals[0].item(), reward_chosen=totals[1].item(), loss=totals[2].item(),
                    kl=totals[3].item(), ratio_dev=totals[4].item(), clip_frac=totals[5].item(),
                    grad_norm=float(grad_norm), seconds=round(seconds, 3), device_seconds=round(device_seconds, 2))
         if device.type == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-        out_of_time = rank0_says(args.max_minutes > 0 and time.time() - t_start > 60 * args.max_minutes, world,
+        out_of_time = rank0_says(args.max_minutes > 0 and train_seconds > 60 * args.max_minutes, world,
                                  device)  # rank 0's clock decides, so that every rank stops at the same step
         last = done == args.max_steps or out_of_time
         evaluated = eval_prompts and (last or (args.eval_every and done % args.eval_every == 0))

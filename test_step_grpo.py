@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -236,6 +237,26 @@ def test_max_minutes_stops_evaluates_and_saves(tiny_dir, drm_file, tmp_path):
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"] == 1
 
 
+def test_max_minutes_counts_training_not_evaluations(tiny_dir, tmp_path, monkeypatch):
+    """--max-minutes is training time: a slow evaluation after every step does not shorten the run. The run stops
+    at the first step whose training seconds (the rows' "seconds", summed) pass the budget, though the evaluations'
+    sleeps alone pass it after two steps."""
+    evaluate = step_grpo.evaluate
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.5)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(step_grpo, "evaluate", slow_evaluate)
+    monkeypatch.setattr(step_grpo, "oracle_scores", lambda vae, latents, prompts: latents[:, 0].flatten(1).mean(1))
+    out, budget = str(tmp_path / "budget"), 1.0 + float(torch.rand(())) / 2  # seconds
+    step_grpo.main(step_grpo.parse_args([
+        "--model", tiny_dir, "--reward", "oracle", "--mode", "grpo", "--group", "2", "--max-steps", "1000",
+        "--eval-every", "1", "--save-every", "1000", "--max-minutes", str(budget / 60), "--out", out,
+        *RUN[:RUN.index("--prompts-per-step")], "--prompts-per-step", "2", "--eval-num", "1", "--eval-steps", "2"]))
+    seconds = [row["seconds"] for row in metrics(out)]
+    assert sum(seconds[:-1]) <= budget + 0.01 and sum(seconds) > budget - 0.01, (budget, seconds)
+    assert 0.5 * len(seconds) > budget  # the sleeps alone: a wall-clock budget would have stopped earlier
+
+
 def test_ema_update_and_swap():
     g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
     params = [torch.nn.Parameter(torch.randn(3, 4, generator=g)) for _ in range(2)]
@@ -330,7 +351,8 @@ def test_resume_gives_the_uninterrupted_weights(step_run, tiny_dir, drm_file, tm
     rows = rows[1:]
     # device_seconds carry on across the resume (one process: each step adds its own seconds)
     assert abs(rows[1]["device_seconds"] - (rows[0]["device_seconds"] + rows[1]["seconds"])) < 0.02
-    assert abs(resumed["device_seconds"] - rows[1]["device_seconds"]) < 0.01 and resumed["elapsed"] > 0
+    assert abs(resumed["device_seconds"] - rows[1]["device_seconds"]) < 0.01
+    assert abs(resumed["train_seconds"] - resumed["device_seconds"]) < 1e-6  # one rank: the same seconds
 
 
 def test_prompt_noise_does_not_depend_on_the_split():

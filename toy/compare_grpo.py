@@ -2,8 +2,9 @@
 (2.5x fewer steps and ~3.5x fewer GPU-hours than GRPO with the same DRM; even k = 2 beats GRPO).
 
 1. Run: every configuration x seed is one `step_grpo.py` run (a subprocess, one at a time, on the visible device)
-   with the same wall-clock budget (--max-minutes), --cfg-in-loss, an evaluation every --eval-every steps on the
-   toy held-out prompts (oracle score, and DRM score where the run has a DRM), and the same --extra flags:
+   with the same training-time budget (--max-minutes; evaluations do not count), --cfg-in-loss, an evaluation
+   every --eval-every steps on the toy held-out prompts (oracle score, and DRM score where the run has a DRM), and
+   the same --extra flags:
        step_k2_best    --mode step --k 2 --continue best     step_k4_best    --mode step --k 4 --continue best
        step_k4_random  --mode step --k 4 --continue random   grpo            --mode grpo --group G (same DRM)
        grpo_oracle     --mode grpo --group G --reward oracle (no DRM: GRPO on the true reward)
@@ -27,7 +28,7 @@ Choices to know:
 - A run is done when its folder has done.json, written once step_grpo.py exited 0 after a final evaluation
   (metrics.jsonl alone cannot tell a final evaluation from a periodic one). Unfinished runs go on with --resume
   latest; step_grpo.py counts the training time before its checkpoint towards --max-minutes.
-- One device, one run at a time: runs compared at equal wall time need equal hardware. Relative paths in --extra
+- One device, one run at a time: runs compared at equal time need equal hardware. Relative paths in --extra
   are read from the repository root.
 - If grpo ends no higher than the base model, the target is reached at step 0 and no speed-up is computed (-).
 - A configuration that reaches the target at its first evaluation after step 0 gets a speed-up bounded by the
