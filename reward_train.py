@@ -206,7 +206,8 @@ def save_checkpoint(path, drm, optimizer, step, rng_states, args, elapsed=0.0):
 
 
 def truncate_metrics(path, step):
-    """Keep the metrics.jsonl rows up to `step`: a run resumed from a checkpoint at `step` logs the rest again."""
+    """Keep the metrics.jsonl rows up to `step`: a run resumed from a checkpoint at `step` logs the rest again (-1:
+    none, for a fresh run in a folder where an earlier one died before its first checkpoint)."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -353,8 +354,8 @@ def main(args):
     sigmas_eval = [float(s) for s in args.eval_sigmas.split(",")]
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, then exit
-    if rank == 0 and start_step:  # a resumed run logs again from its checkpoint on: drop the rows after it
-        truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start_step)
+    if rank == 0:  # a resumed run logs again from its checkpoint on, a fresh one from the start: drop the rest
+        truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start_step if start_step else -1)
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
 
     def checkpoint_now(step):

@@ -475,14 +475,14 @@ def main(args):
         start_step = checkpoint["step"]
         device_seconds, train_seconds = checkpoint["device_seconds"], checkpoint["train_seconds"]
         if len(checkpoint["rng"]) == world:
-            torch.set_rng_state(checkpoint["rng"][rank]["torch"])
+            torch.set_rng_state(checkpoint["rng"][rank]["torch"].cpu())  # map_location moved it to the device
         else:  # the noise is seeded by step and prompt position: only the global torch RNG is reseeded
             print0(f"resume: {len(checkpoint['rng'])} ranks saved RNG states, {world} now: reseeding", rank=rank)
         print0(f"resumed from {resume_path} at step {start_step}", rank=rank)
     elif args.resume == "latest":
         print0(f"--resume latest: no {checkpoint_path} yet, starting fresh", rank=rank)
-    if rank == 0 and start_step:  # a resumed run logs again from its checkpoint on: drop the rows after it
-        truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start_step)
+    if rank == 0:  # a resumed run logs again from its checkpoint on, a fresh one from the start: drop the rest
+        truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start_step if start_step else -1)
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
     history = [r for r in read_metrics(os.path.join(args.out, "metrics.jsonl")) if "eval_prompts" in r] \
         if rank == 0 and start_step else []  # earlier evaluations of a resumed run, for the plot

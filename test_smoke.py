@@ -720,6 +720,18 @@ def test_train_killed_and_resumed_matches_uninterrupted(tiny_dir, pair_files, re
     assert [r["step"] for r in read_metrics(out)] == list(range(1, REFERENCE_STEPS + 1))
 
 
+def test_train_fresh_run_drops_the_rows_of_a_run_that_died_before_its_checkpoint(tiny_dir, pair_files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = float(torch.rand(())) + 100  # a loss no real run logs
+    (out / "metrics.jsonl").write_text("".join(json.dumps(dict(step=s, loss=stale)) + "\n" for s in (1, 2, 3)))
+    rc, log = run(train_command(tiny_dir, pair_files, out, *LORA, "--max-steps", "2", "--resume", "latest"),
+                  tmp_path / "log.txt")
+    assert rc == 0, log[-3000:]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] != stale for r in rows)
+
+
 def test_train_sigterm_writes_checkpoint(tiny_dir, pair_files, tmp_path):
     out = tmp_path / "out"
     max_steps = 10_000

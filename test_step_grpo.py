@@ -340,6 +340,8 @@ def test_resume_gives_the_uninterrupted_weights(step_run, tiny_dir, drm_file, tm
     out = str(tmp_path / "resumed")
     common = ["--model", tiny_dir, "--drm", drm_file, "--mode", "step", "--k", "2", "--out", out, *RUN]
     run([*common, "--max-steps", "1"])
+    os.remove(os.path.join(out, "checkpoint.pt"))  # as if it died before its checkpoint: done again, rows too
+    run([*common, "--max-steps", "1", "--resume", "latest"])
     run([*common, "--max-steps", "2", "--resume", "latest"])
     resumed = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     straight = torch.load(os.path.join(step_run, "checkpoint.pt"), weights_only=False)
