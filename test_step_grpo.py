@@ -177,8 +177,8 @@ def test_oracle_reward_scores_the_base_models_clean_prediction(tiny_dir, monkeyp
 
 def test_step_mode_with_the_dense_oracle(tiny_dir, tmp_path):
     out = str(tmp_path / "step_oracle")
-    run(["--model", tiny_dir, "--reward", "oracle", "--mode", "step", "--k", "3", "--max-steps", "1", "--out", out,
-         *RUN])
+    run(["--model", tiny_dir, "--reward", "oracle", "--mode", "step", "--k", "3", "--continue", "best", "--max-steps",
+         "1", "--out", out, *RUN])
     rows = metrics(out)
     assert rows[0]["ratio_dev"] < 1e-4 and 0 <= rows[0]["reward"] <= rows[0]["reward_chosen"] <= 1
     assert "eval_oracle" in rows[-1]
@@ -255,6 +255,22 @@ def test_max_minutes_counts_training_not_evaluations(tiny_dir, tmp_path, monkeyp
     seconds = [row["seconds"] for row in metrics(out)]
     assert sum(seconds[:-1]) <= budget + 0.01 and sum(seconds) > budget - 0.01, (budget, seconds)
     assert 0.5 * len(seconds) > budget  # the sleeps alone: a wall-clock budget would have stopped earlier
+
+
+def test_samples_png_spreads_over_the_first_batch(tiny_dir, tmp_path, monkeypatch):
+    """The evaluation's PNG shows up to 8 samples evenly spaced in its first batch (the toy prompt list runs from
+    one object to two), each with its own scores: the oracle stand-in scores a sample by its place in the batch."""
+    import step_sample
+    shown = []
+    monkeypatch.setattr(step_sample, "save_grid", lambda rows, path: shown.append([cell[2] for cell in rows[0]]))
+    monkeypatch.setattr(step_grpo, "oracle_scores", lambda vae, latents, prompts: torch.arange(len(prompts)) + 0.0)
+    n = int(torch.randint(16, 41, ()))  # >= 16: the spread differs from the first 8
+    step_grpo.main(step_grpo.parse_args([
+        "--model", tiny_dir, "--reward", "oracle", "--mode", "grpo", "--group", "2", "--max-steps", "1",
+        "--eval-every", "0", "--out", str(tmp_path / "spread"), *RUN[:RUN.index("--prompts-per-step")],
+        "--prompts-per-step", "2", "--eval-num", str(n), "--eval-batch-size", str(n), "--eval-steps", "2"]))
+    expected = [float(i) for i in range(0, n, n // 8)][:8]
+    assert len(shown) == 2 and all([float(v) for v in cells] == expected for cells in shown), (n, shown)
 
 
 def test_ema_update_and_swap():
