@@ -293,6 +293,26 @@ def test_compare_sampling_math_on_random_inputs():
     assert pixels[0].max() == 0 and pixels[1].min() == 255
 
 
+def test_compare_sampling_summary_pairs_each_k_with_its_best_of_n():
+    from toy import compare_sampling as cs
+    rng = np.random.default_rng()
+    jobs, seeds = 40, 2
+    def result(k, n):
+        return dict(k=k, noise_level=0.7, best_of_n=n, oracle=rng.uniform(0, 1, jobs), drm=rng.normal(size=jobs),
+                    seconds_per_image=float(rng.uniform(0.01, 1)),
+                    pixels=rng.integers(0, 256, (jobs, 8, 8, 3), dtype=np.uint8))
+    results = {"k1": result(1, None), "k2": result(2, None), "best_of_3": result(1, 3)}
+    configs = cs.summarize(results, {"k2": "best_of_3"}, seeds)
+    k2, rival = results["k2"]["oracle"], results["best_of_3"]["oracle"]
+    assert configs["k2"]["oracle_vs_matched"] == pytest.approx(np.mean(k2 - rival), abs=1e-4)
+    assert configs["k2"]["oracle_vs_k1"] == pytest.approx(np.mean(k2 - results["k1"]["oracle"]), abs=1e-4)
+    half = 1.96 * np.std(k2 - rival, ddof=1) / np.sqrt(jobs)
+    assert configs["k2"]["oracle_vs_matched_ci95"] == pytest.approx([np.mean(k2 - rival) - half,
+                                                                      np.mean(k2 - rival) + half], abs=1e-4)
+    assert "oracle_vs_matched" not in configs["k1"] and configs["best_of_3"]["matches"] == ["k2"]
+    assert f"{configs['k2']['oracle_vs_matched']:+.3f} [" in cs.markdown_table(configs)
+
+
 def test_best_of_n_keeps_the_drm_favourite(pipe, drm_file):
     drm, _ = model.load_drm(drm_file, pipe.transformer)
     seed = int(np.random.default_rng().integers(10_000))
@@ -346,6 +366,10 @@ def test_compare_sampling_end_to_end(tiny_dir, drm_file, tmp_path):
         assert np.mean([r["oracle"] for r in rows[name]]) == pytest.approx(entry["oracle_mean"], abs=1e-4)
         assert np.mean([r["drm"] for r in rows[name]]) == pytest.approx(entry["drm_mean"], abs=1e-4)
         assert all(Image.open(out / r["file"]).size == (64, 64) for r in rows[name])
+    k2_minus_best = [a["oracle"] - b["oracle"] for a, b in zip(rows["k2"], rows[best])]  # paired, job by job
+    assert configs["k2"]["oracle_vs_matched"] == pytest.approx(np.mean(k2_minus_best), abs=1e-4)
+    low, high = configs["k2"]["oracle_vs_matched_ci95"]
+    assert low <= configs["k2"]["oracle_vs_matched"] <= high
     # best-of-N's trial 0 is the k = 1 image, so the DRM's favourite scores at least as high, job by job
     assert all(b["drm"] >= a["drm"] for a, b in zip(rows["k1"], rows[best]))
     columns = 2 if best == "k1" else 3  # k1, k2 and its best-of-N

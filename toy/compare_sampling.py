@@ -13,7 +13,7 @@ bound; no DRM is needed then and the DRM column is empty.
    SDE trajectories per job, the one the DRM scores highest at t = 0 kept. Seeds as step_sample.py --best-of-n
    draws them (trial i of seed s uses s + 7919 i, so trial 0 is the k = 1 image). Timed the same way.
 4. Report (a markdown table, OUT/summary.json): per configuration the oracle mean with a 95% interval over jobs, its
-   paired difference from k = 1 (same jobs), the DRM mean, seconds per image and diversity (the mean over prompts
+   paired difference from k = 1 (same jobs) and, for k > 1, from its matched best-of-N, the DRM mean, seconds per image and diversity (the mean over prompts
    of the mean pairwise RMS pixel distance, in [0, 1] units, between a prompt's seeds). OUT/grid.png: the first 8
    jobs, k = 1 vs the largest k vs its best-of-N, captioned o=oracle d=DRM. Every image is saved under
    OUT/images/CONFIG/ with a results.jsonl (prompt, seed, config, oracle, drm).
@@ -211,9 +211,11 @@ def summarize(results, matched, seeds):
                      oracle_vs_k1_ci95=[r(diff_low), r(diff_high)],
                      drm_mean=None if np.isnan(res["drm"]).all() else r(float(res["drm"].mean())),
                      seconds_per_image=r(res["seconds_per_image"], 5), diversity=r(diversity(res["pixels"], seeds)))
-        if name in matched:
-            entry["matched_best_of_n"] = matched[name]
-            entry["matched_seconds_per_image"] = r(results[matched[name]]["seconds_per_image"], 5)
+        if name in matched:  # the same jobs sampled both ways: the paired difference is the comparison's own
+            rival = results[matched[name]]
+            diff, diff_low, diff_high = paired_difference(res["oracle"], rival["oracle"])
+            entry.update(matched_best_of_n=matched[name], matched_seconds_per_image=r(rival["seconds_per_image"], 5),
+                         oracle_vs_matched=r(diff), oracle_vs_matched_ci95=[r(diff_low), r(diff_high)])
         if res["best_of_n"]:
             entry["matches"] = [k for k, v in matched.items() if v == name]
         configs[name] = entry
@@ -227,11 +229,12 @@ def markdown_table(configs):
     def ci(pair, sign=""):
         return "" if pair[0] is None else f" [{num(pair[0], sign=sign)}, {num(pair[1], sign=sign)}]"
 
-    lines = ["| configuration | oracle [95% CI] | vs k1 [95% CI] | DRM | s / image | best-of-N at matched time | "
-             "diversity |", "|---" * 7 + "|"]
+    lines = ["| configuration | oracle [95% CI] | vs k1 [95% CI] | DRM | s / image | best-of-N at matched time; "
+             "oracle minus it [95% CI] | diversity |", "|---" * 7 + "|"]
     for name, e in configs.items():
         if "matched_best_of_n" in e:
-            matched = f"{e['matched_best_of_n']}: {num(e['matched_seconds_per_image'], 4)} s"
+            matched = (f"{e['matched_best_of_n']}: {num(e['matched_seconds_per_image'], 4)} s; "
+                       f"{num(e['oracle_vs_matched'], sign='+')}{ci(e['oracle_vs_matched_ci95'], sign='+')}")
         else:
             matched = f"for {', '.join(e['matches'])}" if e.get("matches") else "-"
         lines.append(f"| {name} | {num(e['oracle_mean'])}{ci(e['oracle_ci95'])} | "
