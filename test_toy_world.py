@@ -362,34 +362,6 @@ def test_shipped_drm_ranks_held_out_pairs_like_the_oracle():
     assert np.mean(right) >= 0.85, (np.mean(right), len(pairs))
 
 
-def _role_probe_accuracy(t5, tokenizer):
-    """Held-out accuracy of a ridge probe that reads, from the T5 output at each colour word of a two-object prompt,
-    where that object goes (top, bottom, left, right), fitted on the train prompts."""
-    import torch
-    from toy.build import MAX_SEQUENCE_LENGTH
-    roles = {"above": (0, 1), "below": (1, 0), "left of": (2, 3), "right of": (3, 2)}
-    colour_ids = {tokenizer.convert_tokens_to_ids("\u2581" + c) for c in world.COLOURS}
-
-    def features(prompts):
-        prompts = [p for p in prompts if world.parse_prompt(p)["relation"]]
-        ids = tokenizer(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
-                        return_tensors="pt").input_ids
-        with torch.no_grad():
-            hidden = t5(ids)[0].numpy()
-        x, y = [], []
-        for k, prompt in enumerate(prompts):
-            at = [i for i, t in enumerate(ids[k].tolist()) if t in colour_ids]
-            x += [hidden[k, i] for i in at]
-            y += roles[world.parse_prompt(prompt)["relation"]]
-        return np.array(x), np.array(y)
-
-    (x_train, y_train), (x_test, y_test) = (features(p) for p in world.split_prompts())
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    a, b = (np.c_[(x - mu) / sd, np.ones(len(x))] for x in (x_train, x_test))
-    w = np.linalg.solve(a.T @ a + np.eye(a.shape[1]), a.T @ np.eye(4)[y_train])
-    return float((np.argmax(b @ w, 1) == y_test).mean())
-
-
 def test_frozen_t5_tells_each_colour_word_where_its_object_goes(seed, monkeypatch):
     """The build's random T5 (new_t5) carries each colour word's role in a two-object prompt, linearly: what the
     generator needs to put the objects in the named order. Without the scaled position biases it does not. One
@@ -404,13 +376,47 @@ def test_frozen_t5_tells_each_colour_word_where_its_object_goes(seed, monkeypatc
         accuracies = []
         for s in range(seed, seed + 3):
             torch.manual_seed(s)
-            accuracies.append(_role_probe_accuracy(build.new_t5(len(tokenizer)), tokenizer))
+            accuracies.append(build.role_probe_accuracy(build.new_t5(len(tokenizer)), tokenizer,
+                                                        *world.split_prompts()))  # fit on train, read held-out
         return float(np.mean(accuracies))
 
     shipped = mean_probe()
     monkeypatch.setattr(build, "T5_BIAS_SCALE", 1.0)
     unscaled = mean_probe()
     assert shipped >= 0.8 and shipped > unscaled + 0.2, (shipped, unscaled)
+
+
+def test_t5_candidates_keep_the_best_probe_and_leave_the_rest_of_the_pipeline_alone(seed):
+    """--t5-candidates N keeps the T5 whose role probe (on train prompts only) reads best, and every other weight of
+    the new pipeline is the one-candidate build's: an A/B of the T5 alone."""
+    import torch
+    from toy import build
+    one, none = build.new_pipeline(seed, layers=2, heads=2)
+    three, report = build.new_pipeline(seed, layers=2, heads=2, t5_candidates=3)
+    assert none is None and len(report["probes"]) == 3 and 0 <= report["chosen"] < 3
+    assert report["probes"][report["chosen"]] == max(report["probes"]) and len(set(report["probes"])) > 1
+    train = world.split_prompts()[0]
+    kept = build.role_probe_accuracy(three.text_encoder_3, three.tokenizer_3, train[::2], train[1::2])
+    assert kept == pytest.approx(max(report["probes"]), abs=1e-4)
+    first = build.role_probe_accuracy(one.text_encoder_3, one.tokenizer_3, train[::2], train[1::2])
+    assert first == pytest.approx(report["probes"][0], abs=1e-4)  # candidate 0 is the one-candidate T5
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(one, name).state_dict(), getattr(three, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    t5_same = all(torch.equal(v, three.text_encoder_3.state_dict()[k])
+                  for k, v in one.text_encoder_3.state_dict().items())
+    assert t5_same == (report["chosen"] == 0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--t5-candidates", "0"], "--t5-candidates must be >= 1, got 0"),
+    (["--degradations", "blur,fog"], "--degradations: unknown fog; known: "),
+    (["--new-text-encoder"], "--new-text-encoder needs --new-transformer")])
+def test_build_refuses_bad_flags_in_one_line(flags, message, capsys, tmp_path):
+    from toy import build
+    with pytest.raises(SystemExit) as exit_info:
+        build.parse_args(["--out", str(tmp_path), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ oracle as an HPDv3 preference set, and a DRM trained on that set by reward_train
 The defaults are the recipe of the shipped assets (toy/assets/build.json): about 15 minutes on one H200 (data and
 VAE 1 min, transformer 6.3, samples and pairs 2.7, DRM 5). A machine that stops commands at 10 minutes runs it in
 two: --stages data,vae,transformer, then --stages pairs,drm,assets. Whether the generator learns the word order
-of two-object prompts varies from run to run at this budget (docs/toy/README.md, round 7).
+of two-object prompts varies from run to run at this budget (docs/toy/README.md, round 7); --t5-candidates N
+keeps the best of N frozen T5s by how well they mark word roles, everything else unchanged (untested on the
+generator so far).
 
     python -m toy.build --out runs/toy                     # ~15 min on one H200; CPU works (use --quick)
     python -m toy.build --out runs/toy --quick             # a few minutes on CPU: tiny budgets, for testing
@@ -83,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--train-text-encoder", action="store_true", help="train the T5 encoder with the transformer "
                    "(CLIP encoders stay frozen): a random frozen T5 barely marks word order, which two-object "
                    "prompts need")
+    p.add_argument("--t5-candidates", type=int, default=1, help="with the vae stage: draw this many frozen T5s and "
+                   "keep the one that marks word roles best (toy.build.probed_t5; 1: the first, as the shipped build)")
     p.add_argument("--new-text-encoder", action="store_true", help="with --new-transformer: a new T5 too (the "
                    "current recipe, new_t5), e.g. over a VAE saved by an older build")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the "
@@ -115,6 +119,8 @@ def parse_args(argv=None):
         p.error(f"--degradations: unknown {', '.join(sorted(unknown))}; known: {', '.join(world.DEGRADATIONS)}")
     if args.new_text_encoder and not args.new_transformer:
         p.error("--new-text-encoder needs --new-transformer: the saved transformer was trained on the saved T5")
+    if args.t5_candidates < 1:
+        p.error(f"--t5-candidates must be >= 1, got {args.t5_candidates}")
     if args.quick:
         args.num_images, args.vae_steps, args.steps, args.batch_size = 512, 30, 30, 32
         args.transformer_batch_size = 32
@@ -179,7 +185,54 @@ def new_t5(vocab_size):
     return t5.eval()  # eval: no dropout in the embeddings the transformer learns from (nor in sampling)
 
 
-def new_pipeline(seed, patch_size=2, layers=TRANSFORMER["num_layers"], heads=TRANSFORMER["num_attention_heads"]):
+def role_probe_accuracy(t5, tokenizer, fit_prompts, test_prompts):
+    """Accuracy on test_prompts of a ridge probe, fitted on fit_prompts, that reads from the T5 output at each colour
+    word of a two-object prompt where that object goes (top, bottom, left, right; chance 0.25). Prompts without a
+    relation are skipped."""
+    roles = {"above": (0, 1), "below": (1, 0), "left of": (2, 3), "right of": (3, 2)}
+    colour_ids = {tokenizer.convert_tokens_to_ids("\u2581" + c) for c in world.COLOURS}
+
+    def features(prompts):
+        prompts = [p for p in prompts if world.parse_prompt(p)["relation"]]
+        ids = tokenizer(prompts, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            hidden = t5(ids)[0].float().numpy()
+        x, y = [], []
+        for k, prompt in enumerate(prompts):
+            x += [hidden[k, i] for i, t in enumerate(ids[k].tolist()) if t in colour_ids]
+            y += roles[world.parse_prompt(prompt)["relation"]]
+        return np.array(x), np.array(y)
+
+    (x_fit, y_fit), (x_test, y_test) = features(fit_prompts), features(test_prompts)
+    mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
+    a, b = (np.c_[(x - mu) / sd, np.ones(len(x))] for x in (x_fit, x_test))
+    w = np.linalg.solve(a.T @ a + np.eye(a.shape[1]), a.T @ np.eye(4)[y_fit])
+    return float((np.argmax(b @ w, 1) == y_test).mean())
+
+
+def probed_t5(tokenizer, candidates, seed):
+    """new_t5, or with candidates > 1 the one of that many inits whose role probe reads best (fitted on half the
+    train prompts, read on the other half: held-out prompts stay unseen). The global RNG is left as one new_t5 call
+    leaves it, so the rest of the pipeline draws the same weights for any number of candidates. -> (t5, report)."""
+    t5 = new_t5(len(tokenizer))
+    if candidates <= 1:
+        return t5, None
+    after = torch.get_rng_state()
+    train = world.split_prompts()[0]
+    scored = [(role_probe_accuracy(t5, tokenizer, train[::2], train[1::2]), t5)]
+    for i in range(1, candidates):
+        torch.manual_seed(seed * 7919 + i)
+        t5 = new_t5(len(tokenizer))
+        scored.append((role_probe_accuracy(t5, tokenizer, train[::2], train[1::2]), t5))
+    torch.set_rng_state(after)
+    chosen = max(range(candidates), key=lambda i: scored[i][0])  # the first of equals
+    return scored[chosen][1], dict(probes=[round(a, 4) for a, _ in scored], chosen=chosen)
+
+
+def new_pipeline(seed, patch_size=2, layers=TRANSFORMER["num_layers"], heads=TRANSFORMER["num_attention_heads"],
+                 t5_candidates=1):
+    """A new toy pipeline, all weights random (seeded); -> (pipeline, the T5 choice's report or None)."""
     torch.manual_seed(seed)
     words = sorted({w for p in world.all_prompts() for w in p.split()})
     clip_tok, t5_tok = tiny_tokenizers(words)
@@ -192,7 +245,7 @@ def new_pipeline(seed, patch_size=2, layers=TRANSFORMER["num_layers"], heads=TRA
             bos_token_id=0, eos_token_id=1, pad_token_id=1))
 
     # CLIP-L 32 + CLIP-G 64 = 96 = pooled width, zero-padded to the T5 width 128 = joint_attention_dim.
-    t5 = new_t5(len(t5_tok))
+    t5, t5_report = probed_t5(t5_tok, t5_candidates, seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
                         up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[32, 64, 128],
                         layers_per_block=1, latent_channels=16, norm_num_groups=16, use_quant_conv=False,
@@ -201,7 +254,7 @@ def new_pipeline(seed, patch_size=2, layers=TRANSFORMER["num_layers"], heads=TRA
         transformer=SD3Transformer2DModel(**transformer_config(patch_size, layers, heads)),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae, text_encoder=clip_encoder(32), tokenizer=clip_tok, text_encoder_2=clip_encoder(64),
-        tokenizer_2=clip_tok, text_encoder_3=t5, tokenizer_3=t5_tok)
+        tokenizer_2=clip_tok, text_encoder_3=t5, tokenizer_3=t5_tok), t5_report
 
 
 def fit_steps(planned, minutes, started, t_warm, warm_steps, done):
@@ -489,7 +542,12 @@ def main(args):
                               oracle=summary(world.score(images[:2000], prompts[:2000])))
         print(f"1. data: {report['data']}", flush=True)
         if "vae" in stages:  # a new pipeline: train the VAE, then the transformer from scratch
-            pipe = new_pipeline(args.seed, args.patch_size or 1, args.layers, args.heads)
+            pipe, t5_report = new_pipeline(args.seed, args.patch_size or 1, args.layers, args.heads,
+                                           args.t5_candidates)
+            if t5_report:
+                report["t5"] = t5_report
+                print(f"   t5: role probe of {args.t5_candidates} inits {t5_report['probes']}, kept "
+                      f"{t5_report['chosen']}", flush=True)
             t0 = time.time()
             report["vae"] = train_vae(pipe.vae, images, args, device)
             latents = encode_all(pipe.vae, images, device)
