@@ -519,6 +519,12 @@ def test_compare_speedup_of_a_faster_curve():
     assert fast["gain_eval_oracle"] == pytest.approx(3 * rate * np.mean([r[-1]["step"] for r in
                                                                           runs["step_k2_best"].values()]), abs=1e-3)
     assert not any(fast["reward_hacking"].values())
+    versus = [runs["step_k2_best"][s][-1]["eval_oracle"] - runs["grpo"][s][-1]["eval_oracle"] for s in range(3)]
+    assert (fast["final_eval_oracle_vs_baseline"], fast["final_eval_oracle_vs_baseline_ci95"]) == \
+        pytest.approx(mean_interval(versus))  # paired by seed
+    assert grpo["final_eval_oracle_vs_baseline"] == 0 and grpo["final_eval_oracle_vs_baseline_ci95"] == 0
+    assert "final_eval_oracle_vs_baseline" not in summarize({n: runs[n] for n in ("step_k2_best", "step_k4_random")},
+                                                            "grpo")["configs"]["step_k2_best"]  # no baseline run
     # Another baseline: its own final score is the target, and it is the one with speed-up 1.
     other = summarize(runs, "step_k2_best")
     assert other["baseline"] == "step_k2_best" and other["configs"]["step_k2_best"]["speedup_steps"] == 1.0

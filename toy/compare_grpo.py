@@ -13,7 +13,8 @@
 2. Summarise (OUT/summary.json, a markdown table, OUT/oracle.png and OUT/drm.png with the seed-mean curves,
    OUT/before_after.png with the first seed's evaluation samples of every configuration at step 0 and at the end):
    per configuration the seed-mean of the first evaluation (step 0: the base model) and the final one, with a 95%
-   t-interval over seeds, and the gain (final minus first, paired by seed, with its interval); the speed-up: the
+   t-interval over seeds, the gain (final minus first, paired by seed, with its interval) and the final minus the
+   baseline's final (paired by seed: the comparison's own difference, with its interval); the speed-up: the
    baseline's steps (and device-seconds) to reach the baseline's final oracle score, divided by this
    configuration's (baseline: grpo if it runs, else grpo_oracle; --baseline sets it); a reward-hacking flag per
    run (DRM score up while the oracle's fell by more than 0.02).
@@ -240,6 +241,12 @@ def summarize(runs, baseline_name="grpo"):
                 entry[f"final_{y}"], entry[f"final_{y}_ci95"] = mean_interval([r[y] for r in lasts])
                 entry[f"gain_{y}"], entry[f"gain_{y}_ci95"] = mean_interval([b[y] - a[y] for a, b in
                                                                               zip(firsts, lasts)])
+        rival = runs.get(baseline_name, {})
+        paired = [rows[-1]["eval_oracle"] - rival[seed][-1]["eval_oracle"] for seed, rows in by_seed.items()
+                  if seed in rival and "eval_oracle" in rows[-1] and "eval_oracle" in rival[seed][-1]]
+        if rival and len(paired) == len(by_seed):  # the same seeds: their shared base model cancels
+            entry["final_eval_oracle_vs_baseline"], entry["final_eval_oracle_vs_baseline_ci95"] = \
+                mean_interval(paired)
         hit = first_reaching(curves[name], "eval_oracle", target) if base_hit and curves[name] else None
         entry["steps_to_target"], entry["seconds_to_target"] = hit or (None, None)
         trained = hit and hit[0] > 0 and base_hit[0] > 0  # a target the base model already meets times nothing
@@ -261,14 +268,14 @@ def markdown_table(summary):
         ci = entry[key + "_ci95"]
         return num(entry[key]) + ("" if ci is None else f" ± {ci:.3f}")
 
-    lines = ["| configuration | seeds | first oracle | final oracle | oracle gain | first DRM | final DRM | "
-             "final steps | steps to target | speed-up (steps) | speed-up (device-s) | reward hacking |",
-             "|---" * 12 + "|"]
+    lines = ["| configuration | seeds | first oracle | final oracle | oracle gain | final oracle minus "
+             f"{summary['baseline']}'s, paired | first DRM | final DRM | final steps | steps to target | "
+             "speed-up (steps) | speed-up (device-s) | reward hacking |", "|---" * 13 + "|"]
     for name, e in summary["configs"].items():
         hacked = [f for f in e["reward_hacking"].values() if f is not None]
         lines.append(f"| {name} | {len(e['seeds'])} | {num(e.get('first_eval_oracle'))} | "
                      f"{with_ci(e, 'final_eval_oracle')} | {with_ci(e, 'gain_eval_oracle')} | "
-                     f"{num(e.get('first_eval_drm'))} | "
+                     f"{with_ci(e, 'final_eval_oracle_vs_baseline')} | {num(e.get('first_eval_drm'))} | "
                      f"{with_ci(e, 'final_eval_drm')} | {', '.join(map(str, e['final_steps']))} | "
                      f"{'-' if e['steps_to_target'] is None else e['steps_to_target']} | "
                      f"{num(e['speedup_steps'], 2)} | {num(e['speedup_seconds'], 2)} | "
