@@ -476,7 +476,8 @@ def main(args):
                 e.copy_(v)
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_step = checkpoint["step"]
-        device_seconds, train_seconds = checkpoint["device_seconds"], checkpoint["train_seconds"]
+        device_seconds = checkpoint.get("device_seconds", 0.0)
+        train_seconds = checkpoint.get("train_seconds", checkpoint.get("elapsed", 0.0))  # older ones: wall time
         if len(checkpoint["rng"]) == world:
             torch.set_rng_state(checkpoint["rng"][rank]["torch"].cpu())  # map_location moved it to the device
         else:  # the noise is seeded by step and prompt position: only the global torch RNG is reseeded
