@@ -13,10 +13,10 @@ bound; no DRM is needed then and the DRM column is empty.
    SDE trajectories per job, the one the DRM scores highest at t = 0 kept. Seeds as step_sample.py --best-of-n
    draws them (trial i of seed s uses s + 7919 i, so trial 0 is the k = 1 image). Timed the same way.
 4. Report (a markdown table, OUT/summary.json): per configuration the oracle mean with a 95% interval over jobs, its
-   paired difference from k = 1 (same jobs) and, for k > 1, from its matched best-of-N, the DRM mean, seconds per image and diversity (the mean over prompts
-   of the mean pairwise RMS pixel distance, in [0, 1] units, between a prompt's seeds). OUT/grid.png: the first 8
-   jobs, k = 1 vs the largest k vs its best-of-N, captioned o=oracle d=DRM. Every image is saved under
-   OUT/images/CONFIG/ with a results.jsonl (prompt, seed, config, oracle, drm).
+   paired difference from k = 1 (same jobs) and, for k > 1, from its matched best-of-N, the DRM mean, seconds per
+   image and diversity (the mean over prompts of the mean pairwise RMS pixel distance, in [0, 1] units, between a
+   prompt's seeds). OUT/grid.png: the first 8 jobs, k = 1 vs the largest k vs its best-of-N, captioned o=oracle
+   d=DRM. Every image is saved under OUT/images/CONFIG/ with a results.jsonl (prompt, seed, config, oracle, drm).
 
 Choices to know:
 - Seconds per image = the sampling time of a configuration's pass (batches of --batch-size, the device drained
