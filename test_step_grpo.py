@@ -250,8 +250,7 @@ def test_max_minutes_counts_training_not_evaluations(tiny_dir, tmp_path, monkeyp
     out, budget = str(tmp_path / "budget"), 1.0 + float(torch.rand(())) / 2  # seconds
     step_grpo.main(step_grpo.parse_args([
         "--model", tiny_dir, "--reward", "oracle", "--mode", "grpo", "--group", "2", "--max-steps", "1000",
-        "--eval-every", "1", "--save-every", "1000", "--max-minutes", str(budget / 60), "--out", out,
-        *RUN[:RUN.index("--prompts-per-step")], "--prompts-per-step", "2", "--eval-num", "1", "--eval-steps", "2"]))
+        "--eval-every", "1", "--save-every", "1000", "--max-minutes", str(budget / 60), "--out", out, *RUN]))
     seconds = [row["seconds"] for row in metrics(out)]
     assert sum(seconds[:-1]) <= budget + 0.01 and sum(seconds) > budget - 0.01, (budget, seconds)
     assert 0.5 * len(seconds) > budget  # the sleeps alone: a wall-clock budget would have stopped earlier
@@ -267,8 +266,8 @@ def test_samples_png_spreads_over_the_first_batch(tiny_dir, tmp_path, monkeypatc
     n = int(torch.randint(16, 41, ()))  # >= 16: the spread differs from the first 8
     step_grpo.main(step_grpo.parse_args([
         "--model", tiny_dir, "--reward", "oracle", "--mode", "grpo", "--group", "2", "--max-steps", "1",
-        "--eval-every", "0", "--out", str(tmp_path / "spread"), *RUN[:RUN.index("--prompts-per-step")],
-        "--prompts-per-step", "2", "--eval-num", str(n), "--eval-batch-size", str(n), "--eval-steps", "2"]))
+        "--eval-every", "0", "--out", str(tmp_path / "spread"), *RUN, "--eval-num", str(n), "--eval-batch-size",
+        str(n)]))  # later flags win
     expected = [float(i) for i in range(0, n, n // 8)][:8]
     assert len(shown) == 2 and all([float(v) for v in cells] == expected for cells in shown), (n, shown)
 
@@ -345,8 +344,7 @@ def test_training_raises_a_learnable_reward(tiny_dir, tmp_path, monkeypatch, mod
     step_grpo.main(step_grpo.parse_args([
         "--model", tiny_dir, "--reward", "oracle", "--mode", mode, "--k", "4", "--group", "4", "--max-steps", "30",
         "--eval-every", "0", "--save-every", "1000", "--seed", str(seed), "--out", out,
-        *RUN[:RUN.index("--prompts-per-step")], "--prompts-per-step", "4", "--eval-num", "1", "--eval-steps", "2",
-        "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2"]))
+        *RUN, "--prompts-per-step", "4"]))  # later flags win
     rewards = [row["reward"] for row in metrics(out)]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last > first + 0.2, (seed, first, last)
