@@ -419,6 +419,88 @@ def test_build_refuses_bad_flags_in_one_line(flags, message, capsys, tmp_path):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_time_budget_refits_as_the_speed_drifts_and_never_passes_the_planned_count(seed, monkeypatch):
+    """toy.build.TimeBudget on a fake clock: steps fast at first, then slower (an H200 run fitted once from its early
+    steps overran its budget by ~45%): the loop still ends within one re-fit interval of the budget, and not early.
+    With time to spare, or no budget (minutes 0), it runs exactly the planned steps."""
+    from toy import build
+    clock = [0.0]
+    monkeypatch.setattr(build.time, "time", lambda: clock[0])
+
+    def loop(planned, minutes, seconds_per_step):
+        budget, total, step = build.TimeBudget(planned, minutes), planned, 0
+        while step < total:
+            clock[0] += seconds_per_step(step)
+            step += 1
+            total = budget.fit(step, total)
+        return step, budget.seconds()
+
+    rng = np.random.default_rng(seed)
+    fast, slow, switch = rng.uniform(0.1, 0.4), rng.uniform(0.8, 2.0), int(rng.integers(80, 400))
+    steps, spent = loop(10 ** 6, 10, lambda s: fast if s < switch else slow)
+    every = build.TimeBudget(1, 1).every  # steps between re-fits
+    assert 600 - 2 * slow <= spent <= 600 + every * slow, (steps, spent)
+    planned = int(rng.integers(90, 400))
+    assert loop(planned, 10, lambda s: 0.01)[0] == planned
+    assert loop(planned, 0, lambda s: 1.0)[0] == planned  # minutes 0: no budget
+
+
+def test_build_transformer_stage_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path):
+    """A transformer stage stopped by SIGTERM saves OUT/transformer_checkpoint.pt and exits non-zero, naming
+    --resume; the same command with --resume restores the VAE (not retrained), the transformer, optimizer and batch
+    generator, and ends with the weights of an uninterrupted run, bit for bit on the CPU; the checkpoint is removed
+    then. A --resume with a changed schedule flag, or with no checkpoint, is refused in one line."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    import torch
+    from safetensors.torch import load_file
+    from toy import build
+    flags = ["--num-images", "64", "--vae-steps", "2", "--batch-size", "4", "--steps", "300",
+             "--transformer-batch-size", "4", "--layers", "2", "--heads", "2", "--max-prompts", "8",
+             "--checkpoint-every", "20", "--stages", "data,vae,transformer"]
+    root = os.path.dirname(os.path.abspath(__file__))
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "toy.build", "--out", str(out), *flags, *extra]
+
+    whole = subprocess.run(command(tmp_path / "whole"), cwd=root, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out, log = tmp_path / "stopped", tmp_path / "log.txt"
+    checkpoint = out / build.CHECKPOINT
+    with open(log, "w") as f:
+        process = subprocess.Popen(command(out), cwd=root, stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=300)
+    text = log.read_text()
+    assert process.returncode != 0 and "the same command with --resume goes on" in text, text[-3000:]
+    step = torch.load(checkpoint, weights_only=False)["step"]
+    assert 20 <= step < 300
+
+    with pytest.raises(SystemExit, match="the checkpoint has --transformer-lr 0.0004, this run has 0.001"):
+        build.load_checkpoint(build.parse_args(["--out", str(out), *flags, "--resume", "--transformer-lr", "1e-3"]))
+    with pytest.raises(SystemExit, match="--resume: no .*transformer_checkpoint.pt"):
+        build.load_checkpoint(build.parse_args(["--out", str(tmp_path / "none"), *flags, "--resume"]))
+
+    resumed = subprocess.run(command(out, "--resume"), cwd=root, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "vae: restored" in resumed.stdout and f"resumed at step {step}/300" in resumed.stdout
+    assert not checkpoint.exists()
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder_3/model.safetensors"):
+        a, b = load_file(tmp_path / "whole" / "pipeline" / part), load_file(out / "pipeline" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    reports = [json.load(open(folder / "build.json")) for folder in (tmp_path / "whole", out)]
+    assert reports[0]["transformer"]["steps"] == reports[1]["transformer"]["steps"] == 300
+    assert reports[0]["transformer"]["loss"] == reports[1]["transformer"]["loss"]
+    assert reports[0]["vae"]["l1"] == reports[1]["vae"]["l1"]  # the stopped run's report, not a new VAE's
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The build's cross-prompt pairs
 

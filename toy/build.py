@@ -16,22 +16,24 @@ oracle as an HPDv3 preference set, and a DRM trained on that set by reward_train
    several). OUT/assets then holds what the repo ships: the pipeline and the first DRM in fp16.
 
 The defaults are the recipe of the shipped assets (toy/assets/build.json): about 15 minutes on one H200 (data and
-VAE 1 min, transformer 6.3, samples and pairs 2.7, DRM 5). A machine that stops commands at 10 minutes runs it in
-two: --stages data,vae,transformer, then --stages pairs,drm,assets. Whether the generator learns the word order
-of two-object prompts varies from run to run at this budget (docs/toy/README.md, round 7); --t5-candidates N
-keeps the best of N frozen T5s by how well they mark word roles, everything else unchanged (untested on the
-generator so far).
+VAE 1 min, transformer 6.3, samples and pairs 2.7, DRM 5). At that transformer budget the generator learned the word
+order of two-object prompts in 1 of 3 runs (docs/toy/README.md rounds 7 and 9); a second 6.3-minute transformer
+stage taught it (seed 0: placement 0.53 -> 0.85), a better-marking T5 (--t5-candidates 8) alone did not. The
+transformer stage saves OUT/transformer_checkpoint.pt every --checkpoint-every steps and on SIGTERM; the same
+command with --resume goes on from it (a machine that stops commands at 10 minutes can run any budget that way).
 
     python -m toy.build --out runs/toy                     # ~15 min on one H200; CPU works (use --quick)
     python -m toy.build --out runs/toy --quick             # a few minutes on CPU: tiny budgets, for testing
-    python -m toy.build --out runs/toy --stages transformer,pairs --steps 3000 --transformer-lr 2e-4
-                                                           # train the saved pipeline's transformer further
+    python -m toy.build --out runs/toy --resume            # the same command after a stop: go on from the checkpoint
+    python -m toy.build --out runs/toy --stages data,vae,transformer --t5-candidates 8   # a world that learns order:
+    python -m toy.build --out runs/toy --stages transformer,pairs,drm,assets --transformer-lr 2e-4   # + 6.3 minutes
 """
 import argparse
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -52,6 +54,11 @@ from toy import world  # noqa: E402
 
 MAX_SEQUENCE_LENGTH = 16  # T5 tokens: every toy prompt fits
 T5_BIAS_SCALE = 10.0
+CHECKPOINT = "transformer_checkpoint.pt"  # under OUT, while a transformer stage runs
+# Flags a --resume run must repeat: they shape the pipeline or the transformer's schedule.
+RESUME_FLAGS = ("seed", "num_images", "degraded_fraction", "degradations", "layers", "heads", "patch_size",
+                "t5_candidates", "new_transformer", "new_text_encoder", "train_text_encoder", "steps",
+                "transformer_minutes", "transformer_batch_size", "transformer_lr", "ema", "max_prompts")
 TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=6,
                    attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
                    caption_projection_dim=128, pooled_projection_dim=96, pos_embed_max_size=16,
@@ -75,8 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps")
     p.add_argument("--steps", type=int, default=40000, help="transformer training steps (--transformer-minutes "
                    "caps them)")
-    p.add_argument("--vae-minutes", type=float, default=1.0, help="cap on VAE training time (steps shrink to fit)")
-    p.add_argument("--transformer-minutes", type=float, default=6.3, help="cap on transformer training time")
+    p.add_argument("--vae-minutes", type=float, default=1.0, help="cap on VAE training time (steps shrink to fit; "
+                   "0: none)")
+    p.add_argument("--transformer-minutes", type=float, default=6.3, help="cap on transformer training time (0: none, "
+                   "--steps as given)")
     p.add_argument("--batch-size", type=int, default=256, help="VAE batch size")
     p.add_argument("--transformer-batch-size", type=int, default=512, help="transformer batch size")
     p.add_argument("--transformer-lr", type=float, default=4e-4, help="transformer peak learning rate")
@@ -111,6 +120,10 @@ def parse_args(argv=None):
     p.add_argument("--drm-args", default="", help="extra reward_train.py flags, e.g. '--backbone full'")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N train and N held-out prompts "
                    "(0: all; for smoke runs)")
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="transformer steps between checkpoints "
+                   "(OUT/transformer_checkpoint.pt, also written on SIGTERM; 0: only then)")
+    p.add_argument("--resume", action="store_true", help="go on with the transformer stage of a run that stopped "
+                   "(the same command plus --resume): its VAE, T5, transformer, optimizer and schedule")
     p.add_argument("--stages", default="data,vae,transformer,pairs,drm,assets", help="which stages to run; "
                    "transformer without vae continues the saved pipeline's transformer")
     args = p.parse_args(argv)
@@ -119,6 +132,8 @@ def parse_args(argv=None):
         p.error(f"--degradations: unknown {', '.join(sorted(unknown))}; known: {', '.join(world.DEGRADATIONS)}")
     if args.new_text_encoder and not args.new_transformer:
         p.error("--new-text-encoder needs --new-transformer: the saved transformer was trained on the saved T5")
+    if args.checkpoint_every < 0:
+        p.error(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     if args.t5_candidates < 1:
         p.error(f"--t5-candidates must be >= 1, got {args.t5_candidates}")
     if args.quick:
@@ -257,12 +272,35 @@ def new_pipeline(seed, patch_size=2, layers=TRANSFORMER["num_layers"], heads=TRA
         tokenizer_2=clip_tok, text_encoder_3=t5, tokenizer_3=t5_tok), t5_report
 
 
-def fit_steps(planned, minutes, started, t_warm, warm_steps, done):
-    """Shrink a planned step count to fit a time budget (counted from `started`), from the speed of the steps
-    after warm-up (warm_steps .. done, timed from t_warm): the first steps pay for kernel selection."""
-    per_step = (time.time() - t_warm) / (done - warm_steps)
-    left = minutes * 60 - (time.time() - started)
-    return max(done + 1, min(planned, done + int(left / per_step)))
+def fit_steps(planned, budget_s, spent_s, per_step_s, done):
+    """The step count that fits a time budget: `done` steps took `spent_s`, the rest take `per_step_s` each; never
+    more than planned, and at least done + 1 below it (a loop past its budget stops after one more step)."""
+    left = budget_s - spent_s
+    return min(planned, done + max(1, int(left / per_step_s)))
+
+
+class TimeBudget:
+    """Steps of a training loop fitted to `minutes`, re-fitted every `every` steps from the speed since warm-up (the
+    first `warm` steps of an attempt pay for kernel selection). Re-fitting matters: the speed drifts, and an H200 run
+    whose count was fitted once, from steps 30-80, planned 14,941 steps for 7.2 minutes and needed ~10.5. `spent`:
+    seconds of the attempts before this one (a resumed run). minutes <= 0: no budget, the planned steps."""
+
+    def __init__(self, planned, minutes, start_step=0, spent=0.0, warm=30, every=50):
+        self.planned, self.budget = planned, minutes * 60
+        self.warm_step, self.every, self.t0, self.spent = start_step + warm, every, time.time(), spent
+        self.t_warm = None
+
+    def seconds(self):
+        return self.spent + time.time() - self.t0
+
+    def fit(self, step, total):
+        """The step count after `step` steps (`total` until the speed is known)."""
+        if step == self.warm_step:
+            self.t_warm = time.time()
+        if self.budget <= 0 or self.t_warm is None or step < self.warm_step + self.every or step % self.every:
+            return total  # no budget (minutes 0), or not a re-fit step
+        per_step = (time.time() - self.t_warm) / (step - self.warm_step)
+        return fit_steps(self.planned, self.budget, self.seconds(), per_step, step)
 
 
 def cosine_lr(optimizer, step, total, peak, warmup=200):
@@ -277,7 +315,7 @@ def train_vae(vae, images, args, device):
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator(device).manual_seed(args.seed + 1)
     images = torch.from_numpy(images).to(device)  # uint8 on the device: batches are gathered there
-    total, t0, step = args.vae_steps, time.time(), 0
+    total, budget, step = args.vae_steps, TimeBudget(args.vae_steps, args.vae_minutes), 0
     while step < total:
         idx = torch.randint(len(images), (args.batch_size,), generator=g, device=device)
         x = images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -291,10 +329,7 @@ def train_vae(vae, images, args, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if step == 30:
-            t_warm = time.time()
-        if step == 80:
-            total = fit_steps(total, args.vae_minutes, t0, t_warm, 30, step)
+        total = budget.fit(step, total)
         if step % 500 == 0:
             print(f"vae step {step}/{total} l1 {loss.item():.4f}", flush=True)
     vae.eval()
@@ -326,10 +361,13 @@ def t5_ids(pipe, prompts, device):
                             add_special_tokens=True, return_tensors="pt").input_ids.to(device)
 
 
-def train_transformer(pipe, latents, prompts, args, device):
+def train_transformer(pipe, latents, prompts, args, device, report, checkpoint=None):
     """Rectified flow: x_t = (1 - t) x0 + t eps, predict v = eps - x0 at timestep 1000 t, t logit-normal.
     With --train-text-encoder the T5 tokens (the last MAX_SEQUENCE_LENGTH of the context) are recomputed with
-    gradients each step; the CLIP tokens and pooled embeddings come from the frozen table."""
+    gradients each step; the CLIP tokens and pooled embeddings come from the frozen table.
+    Every --checkpoint-every steps, and on SIGTERM (then it exits), OUT/transformer_checkpoint.pt keeps what a
+    --resume run needs: the trained VAE, T5 and transformer, optimizer, batch generator, step, spent time and
+    `report` so far. `checkpoint`: such a file's contents, to go on from."""
     transformer = pipe.transformer.train().to(device)
     index, embeds, pooled = prompt_table(pipe, prompts, device)
     ids = torch.tensor([index[p] for p in prompts])
@@ -344,44 +382,101 @@ def train_transformer(pipe, latents, prompts, args, device):
     ema = [p.detach().clone() for p in params] if args.ema else None
     # A continued run (--stages transformer) draws other batches than the run it continues.
     g = torch.Generator(device).manual_seed(args.seed + 2 + 1000 * ("vae" not in args.stages.split(",")))
+    losses, total, step, spent = [], args.steps, 0, 0.0
+    if checkpoint:  # the weights were restored with the pipeline (restore_pipeline)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if ema is not None:
+            torch._foreach_copy_(ema, [e.to(device) for e in checkpoint["ema"]])
+        g.set_state(checkpoint["generator"])
+        losses, total, step, spent = (checkpoint[k] for k in ("losses", "total", "step", "seconds"))
+        print(f"transformer: resumed at step {step}/{total} ({spent:.0f} s spent)", flush=True)
+    budget = TimeBudget(args.steps, args.transformer_minutes, step, spent)
+    path = os.path.join(args.out, CHECKPOINT)
+
+    def save():
+        state = dict(transformer=transformer.state_dict(), text_encoder_3=pipe.text_encoder_3.state_dict(),
+                     vae=pipe.vae.state_dict(), vae_config=dict(shift_factor=pipe.vae.config.shift_factor,
+                                                                scaling_factor=pipe.vae.config.scaling_factor),
+                     optimizer=optimizer.state_dict(), ema=ema, generator=g.get_state(), step=step, total=total,
+                     losses=losses[-100:], seconds=budget.seconds(), report=report,
+                     args={name: getattr(args, name) for name in RESUME_FLAGS},
+                     new_pipeline="vae" in args.stages.split(","))
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a run killed while saving keeps the previous checkpoint
+
+    stop = dict(requested=False)
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: save, then exit
     latents, ids, n = latents.to(device), ids.to(device), args.transformer_batch_size
-    losses, total, t0, step = [], args.steps, time.time(), 0
-    while step < total:
-        idx = torch.randint(len(latents), (n,), generator=g, device=device)
-        x0 = latents[idx]
-        cond = torch.where(torch.rand(n, generator=g, device=device) < 0.1, empty, ids[idx])
-        t = torch.sigmoid(torch.randn(n, generator=g, device=device))
-        eps = torch.randn(x0.shape, generator=g, device=device)
-        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
-        cosine_lr(optimizer, step, total, args.transformer_lr)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            context = embeds[cond]
-            if args.train_text_encoder:  # encode each distinct prompt of the batch once
-                distinct, where = torch.unique(cond, return_inverse=True)
-                t5_tokens = t5(token_ids[distinct])[0][where]  # (n, L, joint_attention_dim)
-                context = torch.cat([context[:, :-MAX_SEQUENCE_LENGTH], t5_tokens.to(context.dtype)], dim=1)
-            v = forward(hidden_states=xt, encoder_hidden_states=context, pooled_projections=pooled[cond],
-                        timestep=1000 * t, return_dict=False)[0]
-        loss = F.mse_loss(v.float(), eps - x0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:  # warm-up: a short average at first, so early weights fade
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(args.ema, (1 + step) / (10 + step)))
-        losses.append(loss.item())
-        step += 1
-        if step == 30:
-            t_warm = time.time()
-        if step == 80:
-            total = fit_steps(total, args.transformer_minutes, t0, t_warm, 30, step)
-        if step % 1000 == 0:
-            print(f"transformer step {step}/{total} loss {np.mean(losses[-100:]):.4f}", flush=True)
+    try:
+        while step < total:
+            idx = torch.randint(len(latents), (n,), generator=g, device=device)
+            x0 = latents[idx]
+            cond = torch.where(torch.rand(n, generator=g, device=device) < 0.1, empty, ids[idx])
+            t = torch.sigmoid(torch.randn(n, generator=g, device=device))
+            eps = torch.randn(x0.shape, generator=g, device=device)
+            xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+            cosine_lr(optimizer, step, total, args.transformer_lr)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                context = embeds[cond]
+                if args.train_text_encoder:  # encode each distinct prompt of the batch once
+                    distinct, where = torch.unique(cond, return_inverse=True)
+                    t5_tokens = t5(token_ids[distinct])[0][where]  # (n, L, joint_attention_dim)
+                    context = torch.cat([context[:, :-MAX_SEQUENCE_LENGTH], t5_tokens.to(context.dtype)], dim=1)
+                v = forward(hidden_states=xt, encoder_hidden_states=context, pooled_projections=pooled[cond],
+                            timestep=1000 * t, return_dict=False)[0]
+            loss = F.mse_loss(v.float(), eps - x0)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:  # warm-up: a short average at first, so early weights fade
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(args.ema, (1 + step) / (10 + step)))
+            losses.append(loss.item())
+            step += 1
+            total = budget.fit(step, total)
+            if step % 1000 == 0:
+                print(f"transformer step {step}/{total} loss {np.mean(losses[-100:]):.4f}", flush=True)
+            if stop["requested"] or args.checkpoint_every and step % args.checkpoint_every == 0 and step < total:
+                save()
+                if stop["requested"]:
+                    raise SystemExit(f"transformer: stopped at step {step}/{total}, saved {path}; the same command "
+                                     "with --resume goes on from there")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if ema is not None:
         torch._foreach_copy_([p.data for p in params], ema)
     transformer.eval()
     pipe.text_encoder_3.requires_grad_(False)
-    return dict(loss=float(np.mean(losses[-100:])), steps=step, text_encoder_trained=args.train_text_encoder)
+    return dict(loss=float(np.mean(losses[-100:])), steps=step, text_encoder_trained=args.train_text_encoder,
+                seconds=round(budget.seconds(), 1))
+
+
+def restore_pipeline(pipe, checkpoint):
+    """Put a transformer checkpoint's VAE, T5 and transformer weights into `pipe` (built as the run that saved it
+    built its pipeline)."""
+    pipe.vae.load_state_dict(checkpoint["vae"])
+    pipe.vae.register_to_config(**checkpoint["vae_config"])
+    pipe.text_encoder_3.load_state_dict(checkpoint["text_encoder_3"])
+    pipe.transformer.load_state_dict(checkpoint["transformer"])
+    pipe.vae.eval()  # as train_vae leaves it
+
+
+def load_checkpoint(args):
+    """OUT/transformer_checkpoint.pt for --resume, checked against this run's flags."""
+    path = os.path.join(args.out, CHECKPOINT)
+    if "transformer" not in args.stages.split(","):
+        raise SystemExit("--resume goes on with a transformer stage: --stages must include transformer")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume: no {path} (a transformer stage that stops early leaves one)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    for name in RESUME_FLAGS:
+        if checkpoint["args"][name] != getattr(args, name):
+            raise SystemExit(f"--resume {path}: the checkpoint has --{name.replace('_', '-')} "
+                             f"{checkpoint['args'][name]}, this run has {getattr(args, name)}")
+    if checkpoint["new_pipeline"] != ("vae" in args.stages.split(",")):
+        raise SystemExit(f"--resume {path}: it was saved by a run {'with' if checkpoint['new_pipeline'] else 'without'}"
+                         " the vae stage; give --stages as that run did")
+    return checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -534,6 +629,7 @@ def main(args):
     train_prompts, held_out = (prompts[:args.max_prompts or None] for prompts in world.split_prompts())
     pipeline_dir = os.path.join(args.out, "pipeline")
 
+    checkpoint = load_checkpoint(args) if args.resume else None
     if "vae" in stages or "transformer" in stages:  # both need the renders ("data")
         t0 = time.time()
         images, prompts = make_training_images(train_prompts, args.num_images, args.seed, os.cpu_count() or 1,
@@ -549,13 +645,19 @@ def main(args):
                 print(f"   t5: role probe of {args.t5_candidates} inits {t5_report['probes']}, kept "
                       f"{t5_report['chosen']}", flush=True)
             t0 = time.time()
-            report["vae"] = train_vae(pipe.vae, images, args, device)
+            if checkpoint:  # the VAE of the run that stopped
+                restore_pipeline(pipe, checkpoint)
+                report["vae"] = checkpoint["report"]["vae"]
+                print(f"2. vae: restored from {CHECKPOINT}", flush=True)
+            else:
+                report["vae"] = train_vae(pipe.vae, images, args, device)
             latents = encode_all(pipe.vae, images, device)
             # SD3 convention: x0 = (mean - shift) * scale, with the latents' own mean and spread.
             shift, scale = float(latents.mean()), float(1 / latents.std())
             pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-            report["vae"].update(shift_factor=shift, scaling_factor=scale, seconds=round(time.time() - t0, 1))
-            print(f"2. vae: {report['vae']}", flush=True)
+            if not checkpoint:
+                report["vae"].update(shift_factor=shift, scaling_factor=scale, seconds=round(time.time() - t0, 1))
+                print(f"2. vae: {report['vae']}", flush=True)
         else:  # --stages transformer: go on training the saved pipeline's transformer (same VAE and encoders)
             if not os.path.isfile(os.path.join(pipeline_dir, "model_index.json")):
                 raise SystemExit(f"--stages without vae continues {pipeline_dir}, which holds no pipeline")
@@ -566,17 +668,22 @@ def main(args):
                     args.patch_size or pipe.transformer.config.patch_size, args.layers, args.heads)))
                 if args.new_text_encoder:
                     pipe.register_modules(text_encoder_3=new_t5(pipe.text_encoder_3.config.vocab_size))
+            if checkpoint:  # the stopped run's weights; what it continued is in its report
+                restore_pipeline(pipe, checkpoint)
+                report["continued_from"] = checkpoint["report"].get("continued_from")
+            else:
+                built = os.path.join(args.out, "build.json")
+                report["continued_from"] = json.load(open(built)).get("transformer") if os.path.isfile(built) else None
             latents = encode_all(pipe.vae.to(device), images, device)
             shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
-            report["continued_from"] = json.load(open(os.path.join(args.out, "build.json"))).get("transformer") \
-                if os.path.isfile(os.path.join(args.out, "build.json")) else None
         if "transformer" in stages:
-            t0 = time.time()
             pipe.to(device)
-            report["transformer"] = train_transformer(pipe, (latents - shift) * scale, prompts, args, device)
-            report["transformer"]["seconds"] = round(time.time() - t0, 1)
+            report["transformer"] = train_transformer(pipe, (latents - shift) * scale, prompts, args, device,
+                                                      report, checkpoint)
             print(f"3. transformer: {report['transformer']}", flush=True)
         pipe.to("cpu").to(torch.float16).save_pretrained(pipeline_dir)
+        if "transformer" in stages and os.path.isfile(os.path.join(args.out, CHECKPOINT)):
+            os.remove(os.path.join(args.out, CHECKPOINT))  # the pipeline holds the finished stage
         del images, latents
 
     if "pairs" in stages:
