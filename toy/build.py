@@ -467,7 +467,8 @@ def load_checkpoint(args):
     if "transformer" not in args.stages.split(","):
         raise SystemExit("--resume goes on with a transformer stage: --stages must include transformer")
     if not os.path.isfile(path):
-        raise SystemExit(f"--resume: no {path} (a transformer stage that stops early leaves one)")
+        raise SystemExit(f"--resume: no {path} (a transformer stage that stops early leaves one; a finished one "
+                         "leaves OUT/pipeline, for --stages pairs,drm,assets without --resume)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     for name in RESUME_FLAGS:
         if checkpoint["args"][name] != getattr(args, name):
