@@ -377,7 +377,9 @@ def train_transformer(pipe, latents, prompts, args, device, report, checkpoint=N
         t5 = pipe.text_encoder_3.requires_grad_(True).to(device)  # eval mode: no dropout, as in sampling
         token_ids = t5_ids(pipe, sorted(index, key=index.get), device)  # (P, L) in table order
         params += list(t5.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.transformer_lr, weight_decay=0.01)
+    # Fused AdamW and no per-step host sync (the loss is read when printed): 1.5-1.9x the steps per second on an
+    # H200 (bench/bench_toy_transformer.py).
+    optimizer = torch.optim.AdamW(params, lr=args.transformer_lr, weight_decay=0.01, fused=device.type == "cuda")
     forward = torch.compile(transformer) if args.compile and device.type == "cuda" else transformer
     ema = [p.detach().clone() for p in params] if args.ema else None
     # A continued run (--stages transformer) draws other batches than the run it continues.
@@ -389,6 +391,7 @@ def train_transformer(pipe, latents, prompts, args, device, report, checkpoint=N
             torch._foreach_copy_(ema, [e.to(device) for e in checkpoint["ema"]])
         g.set_state(checkpoint["generator"])
         losses, total, step, spent = (checkpoint[k] for k in ("losses", "total", "step", "seconds"))
+        losses = [torch.tensor(x, device=device) for x in losses]
         print(f"transformer: resumed at step {step}/{total} ({spent:.0f} s spent)", flush=True)
     budget = TimeBudget(args.steps, args.transformer_minutes, step, spent)
     path = os.path.join(args.out, CHECKPOINT)
@@ -398,7 +401,7 @@ def train_transformer(pipe, latents, prompts, args, device, report, checkpoint=N
                      vae=pipe.vae.state_dict(), vae_config=dict(shift_factor=pipe.vae.config.shift_factor,
                                                                 scaling_factor=pipe.vae.config.scaling_factor),
                      optimizer=optimizer.state_dict(), ema=ema, generator=g.get_state(), step=step, total=total,
-                     losses=losses[-100:], seconds=budget.seconds(), report=report,
+                     losses=[float(x) for x in losses[-100:]], seconds=budget.seconds(), report=report,
                      args={name: getattr(args, name) for name in RESUME_FLAGS},
                      new_pipeline="vae" in args.stages.split(","))
         torch.save(state, path + ".tmp")
@@ -431,11 +434,11 @@ def train_transformer(pipe, latents, prompts, args, device, report, checkpoint=N
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:  # warm-up: a short average at first, so early weights fade
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(args.ema, (1 + step) / (10 + step)))
-            losses.append(loss.item())
+            losses = losses[-99:] + [loss.detach()]  # GPU scalars: no host sync here
             step += 1
             total = budget.fit(step, total)
             if step % 1000 == 0:
-                print(f"transformer step {step}/{total} loss {np.mean(losses[-100:]):.4f}", flush=True)
+                print(f"transformer step {step}/{total} loss {float(torch.stack(losses).mean()):.4f}", flush=True)
             if stop["requested"] or args.checkpoint_every and step % args.checkpoint_every == 0 and step < total:
                 save()
                 if stop["requested"]:
@@ -447,7 +450,7 @@ def train_transformer(pipe, latents, prompts, args, device, report, checkpoint=N
         torch._foreach_copy_([p.data for p in params], ema)
     transformer.eval()
     pipe.text_encoder_3.requires_grad_(False)
-    return dict(loss=float(np.mean(losses[-100:])), steps=step, text_encoder_trained=args.train_text_encoder,
+    return dict(loss=float(torch.stack(losses).mean()), steps=step, text_encoder_trained=args.train_text_encoder,
                 seconds=round(budget.seconds(), 1))
 
 
@@ -652,7 +655,7 @@ def main(args):
                 print(f"2. vae: restored from {CHECKPOINT}", flush=True)
             else:
                 report["vae"] = train_vae(pipe.vae, images, args, device)
-            latents = encode_all(pipe.vae, images, device)
+            latents = encode_all(pipe.vae.to(device), images, device)  # a restored VAE is on the CPU
             # SD3 convention: x0 = (mean - shift) * scale, with the latents' own mean and spread.
             shift, scale = float(latents.mean()), float(1 / latents.std())
             pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
