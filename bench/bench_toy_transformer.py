@@ -1,7 +1,7 @@
 """Milliseconds per training step of the toy transformer (toy/build.py's stage 3), side by side in one process.
 
-The step is the build's: logit-normal t, x_t = (1 - t) x0 + t eps, MSE on v = eps - x0, bf16 autocast, grad clip
-1.0, AdamW. Variants change only how the step runs:
+The step is the build's: logit-normal t, its flow_matching_loss (bf16 autocast), grad clip 1.0, AdamW. Variants
+change only how the step runs:
 
     sync       torch.compile (default mode), AdamW (foreach), loss.item() every step (a host sync per step)
     fused      AdamW(fused=True), the loss kept on the GPU: what toy/build.py runs
@@ -21,12 +21,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusers import SD3Transformer2DModel  # noqa: E402
 
-from toy.build import transformer_config  # noqa: E402
+from toy.build import flow_matching_loss, transformer_config  # noqa: E402
 
 CONTEXT = 77 + 16  # CLIP tokens + T5 tokens (MAX_SEQUENCE_LENGTH) of the toy pipeline
 VARIANTS = ("sync", "fused", "autotune", "eager")
@@ -65,12 +64,7 @@ def make_step(variant, batch, device):
         cond = torch.randint(len(embeds), (batch,), device=device)
         x0 = latents[idx]
         t = torch.sigmoid(torch.randn(batch, device=device))
-        eps = torch.randn_like(x0)
-        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            v = forward(hidden_states=xt, encoder_hidden_states=embeds[cond], pooled_projections=pooled[cond],
-                        timestep=1000 * t, return_dict=False)[0]
-        loss = F.mse_loss(v.float(), eps - x0)
+        loss = flow_matching_loss(forward, x0, torch.randn_like(x0), t, embeds[cond], pooled[cond])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -361,6 +361,16 @@ def t5_ids(pipe, prompts, device):
                             add_special_tokens=True, return_tensors="pt").input_ids.to(device)
 
 
+def flow_matching_loss(forward, x0, eps, t, context, pooled):
+    """Rectified flow at timestep 1000 t: x_t = (1 - t) x0 + t eps, MSE of the prediction against v = eps - x0 (the
+    forward in bf16 autocast on a GPU)."""
+    xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
+        v = forward(hidden_states=xt, encoder_hidden_states=context, pooled_projections=pooled, timestep=1000 * t,
+                    return_dict=False)[0]
+    return F.mse_loss(v.float(), eps - x0)
+
+
 def train_transformer(pipe, latents, prompts, args, device, report, checkpoint=None):
     """Rectified flow: x_t = (1 - t) x0 + t eps, predict v = eps - x0 at timestep 1000 t, t logit-normal.
     With --train-text-encoder the T5 tokens (the last MAX_SEQUENCE_LENGTH of the context) are recomputed with
@@ -417,17 +427,14 @@ def train_transformer(pipe, latents, prompts, args, device, report, checkpoint=N
             cond = torch.where(torch.rand(n, generator=g, device=device) < 0.1, empty, ids[idx])
             t = torch.sigmoid(torch.randn(n, generator=g, device=device))
             eps = torch.randn(x0.shape, generator=g, device=device)
-            xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
             cosine_lr(optimizer, step, total, args.transformer_lr)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                context = embeds[cond]
-                if args.train_text_encoder:  # encode each distinct prompt of the batch once
+            context = embeds[cond]
+            if args.train_text_encoder:  # encode each distinct prompt of the batch once
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     distinct, where = torch.unique(cond, return_inverse=True)
                     t5_tokens = t5(token_ids[distinct])[0][where]  # (n, L, joint_attention_dim)
-                    context = torch.cat([context[:, :-MAX_SEQUENCE_LENGTH], t5_tokens.to(context.dtype)], dim=1)
-                v = forward(hidden_states=xt, encoder_hidden_states=context, pooled_projections=pooled[cond],
-                            timestep=1000 * t, return_dict=False)[0]
-            loss = F.mse_loss(v.float(), eps - x0)
+                context = torch.cat([context[:, :-MAX_SEQUENCE_LENGTH], t5_tokens.to(context.dtype)], dim=1)
+            loss = flow_matching_loss(forward, x0, eps, t, context, pooled[cond])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
