@@ -412,7 +412,9 @@ def test_t5_candidates_keep_the_best_probe_and_leave_the_rest_of_the_pipeline_al
     (["--t5-candidates", "0"], "--t5-candidates must be >= 1, got 0"),
     (["--degradations", "blur,fog"], "--degradations: unknown fog; known: "),
     (["--new-text-encoder"], "--new-text-encoder needs --new-transformer"),
-    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0, got -1")])
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0, got -1"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--transformer-batch-size", "0"], "--transformer-batch-size must be >= 1, got 0")])
 def test_build_refuses_bad_flags_in_one_line(flags, message, capsys, tmp_path):
     from toy import build
     with pytest.raises(SystemExit) as exit_info:

@@ -134,8 +134,10 @@ def parse_args(argv=None):
         p.error("--new-text-encoder needs --new-transformer: the saved transformer was trained on the saved T5")
     if args.checkpoint_every < 0:
         p.error(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
-    if args.t5_candidates < 1:
-        p.error(f"--t5-candidates must be >= 1, got {args.t5_candidates}")
+    for name in ("t5_candidates", "num_images", "vae_steps", "steps", "batch_size", "transformer_batch_size",
+                 "sample_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.quick:
         args.num_images, args.vae_steps, args.steps, args.batch_size = 512, 30, 30, 32
         args.transformer_batch_size = 32
