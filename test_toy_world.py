@@ -169,10 +169,14 @@ def test_clean_beats_degraded_and_the_responsible_term_drops(kind, seed):
 
 @pytest.mark.parametrize("kind", world.DEGRADATIONS)
 def test_stronger_degradation_hurts_more(kind, seed):
+    """The same degradation (same random draws: which object, which side, ...) at a higher strength lowers the mean
+    score. Fresh draws per strength made drop's 0.25 and 0.5 a coin toss in ~3% of seeds (paired: 0 of 60, the mean
+    gap >= 0.028)."""
     prompts, images, rng = random_scenes(seed, 120)
     means = [world.score(images, prompts).mean()]
     for strength in (0.1, 0.25, 0.5, 1.0):
-        degraded = [world.degrade(im, kind, rng, strength, prompt=p) for im, p in zip(images, prompts)]
+        draws = np.random.default_rng(seed + 1)
+        degraded = [world.degrade(im, kind, draws, strength, prompt=p) for im, p in zip(images, prompts)]
         means.append(world.score(degraded, prompts).mean())
     assert all(a > b for a, b in zip(means, means[1:])), (kind, np.round(means, 3))
     same = world.degrade(images[0], kind, rng, 0.0, prompt=prompts[0])
