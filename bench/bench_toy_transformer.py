@@ -6,10 +6,15 @@ change only how the step runs:
     sync       torch.compile (default mode), AdamW (foreach), loss.item() every step (a host sync per step)
     fused      AdamW(fused=True), the loss kept on the GPU: what toy/build.py runs
     autotune   fused + torch.compile(mode="max-autotune-no-cudagraphs")
+    graphs     fused + torch.compile(mode="reduce-overhead"): forward and backward replayed as CUDA graphs
+    graphs_flat  graphs without cudagraph trees (torch._inductor.config.triton.cudagraph_trees = False)
     eager      sync without torch.compile
 
 Random weights and latents of the toy's shapes (16 x 16 x 16 latents, patch 1, 93 context tokens): the speed does
-not depend on what was learned. Prints a table (median and quartiles over timed windows) and writes JSON.
+not depend on what was learned. Every variant starts from the same weights and draws the same batches, so its mean
+loss over the last window should match the others' up to rounding: a variant that trains differently shows there
+(graphs did, in a real build: docs/toy/README.md round 11). Prints a table (median and quartiles over timed
+windows) and writes JSON.
 
     python bench/bench_toy_transformer.py --batches 256,512 --variants sync,fused,eager --out bench/results/x.json
 """
@@ -28,7 +33,7 @@ from diffusers import SD3Transformer2DModel  # noqa: E402
 from toy.build import flow_matching_loss, transformer_config  # noqa: E402
 
 CONTEXT = 77 + 16  # CLIP tokens + T5 tokens (MAX_SEQUENCE_LENGTH) of the toy pipeline
-VARIANTS = ("sync", "fused", "autotune", "eager")
+VARIANTS = ("sync", "fused", "autotune", "graphs", "graphs_flat", "eager")
 
 
 def parse_args(argv=None):
@@ -46,18 +51,22 @@ def parse_args(argv=None):
     return args
 
 
-def make_step(variant, batch, device):
-    """A closure running one training step of a fresh toy transformer, and a function reading the last loss."""
-    torch.manual_seed(0)
+def make_step(variant, batch, device, window):
+    """A closure running one training step of a fresh toy transformer, and one reading the mean loss of the last
+    `window` steps."""
+    torch.manual_seed(0)  # the same weights and batches for every variant
+    if device.type == "cuda":  # read when the first step compiles
+        torch._inductor.config.triton.cudagraph_trees = variant != "graphs_flat"
     model = SD3Transformer2DModel(**transformer_config(patch_size=1)).train().to(device)
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=4e-4, weight_decay=0.01, fused=variant not in ("sync", "eager"))
-    mode = "max-autotune-no-cudagraphs" if variant == "autotune" else "default"
+    mode = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead",
+            "graphs_flat": "reduce-overhead"}.get(variant, "default")
     forward = model if variant == "eager" or device.type != "cuda" else torch.compile(model, mode=mode)
     latents = torch.randn(4096, 16, 16, 16, device=device)
     embeds = torch.randn(64, CONTEXT, 128, device=device)
     pooled = torch.randn(64, 96, device=device)
-    state = dict(loss=torch.zeros((), device=device), value=float("nan"))
+    state = dict(losses=[], value=float("nan"))
 
     def step():
         idx = torch.randint(len(latents), (batch,), device=device)
@@ -71,14 +80,16 @@ def make_step(variant, batch, device):
         optimizer.zero_grad(set_to_none=True)
         if variant in ("sync", "eager"):
             state["value"] = loss.item()  # a host sync per step
-        else:
-            state["loss"] = loss.detach()
+        state["losses"] = (state["losses"] + [loss.detach()])[-window:]
 
-    return step
+    def last_window_loss():
+        return float(torch.stack(state["losses"]).mean())
+
+    return step, last_window_loss
 
 
 def time_variant(variant, batch, args, device):
-    step = make_step(variant, batch, device)
+    step, last_window_loss = make_step(variant, batch, device, args.window_steps)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -95,7 +106,8 @@ def time_variant(variant, batch, args, device):
         ms.append(1000 * (time.perf_counter() - t0) / args.window_steps)
     q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
     return dict(variant=variant, batch=batch, ms_median=statistics.median(ms), ms_q1=q[0], ms_q3=q[2],
-                ms_windows=ms, warmup_s=warmup_s, compiled_graphs=graphs, steps_per_s=1000 / statistics.median(ms),
+                ms_windows=ms, warmup_s=warmup_s, compiled_graphs=graphs, loss_last_window=last_window_loss(),
+                steps=args.warmup + args.windows * args.window_steps, steps_per_s=1000 / statistics.median(ms),
                 images_per_s=batch * 1000 / statistics.median(ms))
 
 
@@ -103,15 +115,15 @@ def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
-    print(f"{'variant':<10} {'batch':>5} {'ms/step median':>15} {'q1-q3':>13} {'steps/s':>8} {'images/s':>9} "
-          f"{'warm-up s':>9} {'graphs':>6}", flush=True)
+    print(f"{'variant':<11} {'batch':>5} {'ms/step median':>15} {'q1-q3':>13} {'steps/s':>8} {'images/s':>9} "
+          f"{'warm-up s':>9} {'graphs':>6} {'last loss':>9}", flush=True)
     for batch in (int(b) for b in args.batches.split(",")):
         for variant in args.variants.split(","):
             r = time_variant(variant, batch, args, device)
             rows.append(r)
-            print(f"{variant:<10} {batch:>5} {r['ms_median']:>15.1f} {r['ms_q1']:>6.1f}-{r['ms_q3']:<6.1f} "
-                  f"{r['steps_per_s']:>8.1f} {r['images_per_s']:>9.0f} {r['warmup_s']:>9.1f} {r['compiled_graphs']:>6}",
-                  flush=True)
+            print(f"{variant:<11} {batch:>5} {r['ms_median']:>15.1f} {r['ms_q1']:>6.1f}-{r['ms_q3']:<6.1f} "
+                  f"{r['steps_per_s']:>8.1f} {r['images_per_s']:>9.0f} {r['warmup_s']:>9.1f} {r['compiled_graphs']:>6} "
+                  f"{r['loss_last_window']:>9.4f}", flush=True)
             os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
             with open(args.out, "w") as f:  # after each row: a run stopped early keeps what it measured
                 json.dump(dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
