@@ -143,7 +143,8 @@ def test_oracle_selection_keeps_the_oracles_best(toy_pipe):
     np.testing.assert_allclose([h[-1] for h in history], o_chosen, atol=1e-4)
 
 
-def test_stepwise_sampling_with_the_shipped_drm_beats_plain_sampling(toy_pipe):
+@pytest.mark.parametrize("guidance", [1.0, 4.5])  # the README quick start's, and the paper's
+def test_stepwise_sampling_with_the_shipped_drm_beats_plain_sampling(toy_pipe, guidance):
     """Issue 4's check on the committed assets: on a fixed set of held-out prompts and seeds (20 steps), step-wise
     sampling with k = 4 and the shipped DRM raises the mean oracle score over k = 1 (the same seeds)."""
     from toy import world
@@ -151,7 +152,7 @@ def test_stepwise_sampling_with_the_shipped_drm_beats_plain_sampling(toy_pipe):
     held_out = world.split_prompts()[1]
     prompts = held_out[5::len(held_out) // 24][:24]
     seeds = list(range(100, 100 + len(prompts)))
-    kw = dict(steps=20, guidance=4.5, height=64, width=64, max_sequence_length=16)
+    kw = dict(steps=20, guidance=guidance, height=64, width=64, max_sequence_length=16)
     plain, _ = step_sample.step_sample(toy_pipe, drm, prompts, seeds, k=1, **kw)
     chosen, _ = step_sample.step_sample(toy_pipe, drm, prompts, seeds, k=4, **kw)
     o_plain = world.score(world.tensor_pixels(plain), prompts)
