@@ -56,7 +56,8 @@ def make_step(variant, batch, device, window):
     `window` steps."""
     torch.manual_seed(0)  # the same weights and batches for every variant
     if device.type == "cuda":  # read when the first step compiles
-        torch._inductor.config.triton.cudagraph_trees = variant != "graphs_flat"
+        import torch._inductor.config as inductor_config
+        inductor_config.triton.cudagraph_trees = variant != "graphs_flat"
     model = SD3Transformer2DModel(**transformer_config(patch_size=1)).train().to(device)
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=4e-4, weight_decay=0.01, fused=variant not in ("sync", "eager"))
