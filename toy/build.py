@@ -19,9 +19,9 @@ The defaults are the recipe of the shipped assets (toy/assets/build.json): about
 VAE 1 min, transformer 6.3, samples and pairs 2.7, DRM 5). At that transformer budget the generator learned the word
 order of two-object prompts in 1 of 3 runs (docs/toy/README.md rounds 7 and 9). One 17,000-step schedule at batch
 256 taught it to seed 1 completely (round 10: placement 0.98, every held-out two-object sample in order; held-out
-base 0.85, above the issue's 0.35-0.65). The transformer stage saves OUT/transformer_checkpoint.pt every
---checkpoint-every steps and on SIGTERM; the same command with --resume goes on from it (a machine that stops
-commands at 10 minutes can run any budget that way).
+base 0.85, above the issue's 0.35-0.65; sampled without CFG, --guidance 1, such a generator falls into it: round 11).
+The transformer stage saves OUT/transformer_checkpoint.pt every --checkpoint-every steps and on SIGTERM; the same
+command with --resume goes on from it (a machine that stops commands at 10 minutes can run any budget that way).
 
     python -m toy.build --out runs/toy                     # ~15 min on one H200; CPU works (use --quick)
     python -m toy.build --out runs/toy --quick             # a few minutes on CPU: tiny budgets, for testing
