@@ -606,8 +606,8 @@ def test_build_defaults_are_the_shipped_recipe_and_reward_train_accepts_them(tmp
             words = shlex.split(line.replace("OUT", str(tmp_path)))[3:]
             recorded = build.parse_args(words)
             expected.update({w[2:].replace("-", "_"): getattr(recorded, w[2:].replace("-", "_")) for w in words
-                             if w.startswith("--") and w not in ("--out", "--stages", "--new-transformer",
-                                                                 "--new-text-encoder", "--steps", "--patch-size")})
+                             if w.startswith("--") and w not in ("--out", "--stages", "--resume", "--new-transformer",
+                                                                 "--new-text-encoder", "--patch-size")})
     assert len(expected) >= 4, expected
     assert {name: getattr(args, name) for name in expected} == expected
     drm = reward_train.parse_args(build.drm_flags(args, args.drm_modes.split(",")[0], args.drm_lr.split(",")[0]))
@@ -667,7 +667,7 @@ def test_build_makes_pairs_trains_the_drm_and_writes_the_assets(tmp_path):
     """The build's last stages over a copy of the shipped pipeline at smoke budgets (8 train and 8 held-out
     prompts): HPDv3 pair files (own-prompt pairs and, for the train prompts, cross pairs; winner = higher oracle),
     a LoRA DRM trained by reward_train.py in a subprocess, and OUT/assets: the pipeline and the DRM in fp16, which
-    loads over it."""
+    loads over it. Run as two commands (pairs, then drm and assets): build.json keeps the first one's report."""
     import json
     import shutil
     import torch
@@ -675,9 +675,10 @@ def test_build_makes_pairs_trains_the_drm_and_writes_the_assets(tmp_path):
     import model
     from toy import build
     shutil.copytree(ASSETS, tmp_path / "pipeline")
-    build.main(build.parse_args(["--out", str(tmp_path), "--stages", "pairs,drm,assets", "--max-prompts", "8",
-                                 "--samples-per-prompt", "4", "--sample-steps", "6", "--cross-pairs", "3",
-                                 "--drm-steps", "2", "--drm-minutes", "0", "--drm-batch-size", "4"]))
+    flags = ["--out", str(tmp_path), "--max-prompts", "8", "--samples-per-prompt", "4", "--sample-steps", "6",
+             "--cross-pairs", "3", "--drm-steps", "2", "--drm-minutes", "0", "--drm-batch-size", "4"]
+    build.main(build.parse_args([*flags, "--stages", "pairs"]))  # in two commands, as after a stop:
+    build.main(build.parse_args([*flags, "--stages", "drm,assets"]))  # the report keeps the first one's stages
     prefs = tmp_path / "prefs"
     records = {name: json.load(open(prefs / f"{name}.json")) for name in ("train", "test", "train_cross")}
     for name, rows in records.items():

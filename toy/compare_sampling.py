@@ -74,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt (0, 1, ...); diversity needs >= 2")
     p.add_argument("--ks", default="1,2,4,6", help="comma-separated k of step-wise sampling (k = 1 is always run)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (the paper: 50)")
-    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: off, as the toy "
+                   "base is sampled: docs/toy/README.md round 11)")
     p.add_argument("--noise-level", type=float, default=0.7, help="SDE noise level a of k >= 1 and best-of-N")
     p.add_argument("--batch-size", type=int, default=16, help="jobs per batch (a step-wise batch scores B * k)")
     return p.parse_args(argv)
