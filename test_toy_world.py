@@ -340,7 +340,8 @@ def test_shipped_pipeline_loads_in_diffusers_and_generates(seed):
     assert own["purity"].mean() > others["purity"].mean() + 0.2, (own["purity"], others["purity"])
 
 
-def test_shipped_drm_ranks_held_out_pairs_like_the_oracle():
+@pytest.mark.parametrize("guidance", [1.0, 4.5])  # the build's base samples, and CFG samples it was not trained on
+def test_shipped_drm_ranks_held_out_pairs_like_the_oracle(guidance):
     """The committed DRM over the committed pipeline, on a fixed set of held-out pairs: samples of 24 held-out
     prompts (6 seeds each, 20 steps), every pair of samples of a prompt whose oracle scores differ by >= 0.15 (the
     confidence the DRM was trained at); the DRM's clean scores order >= 85% of them as the oracle does."""
@@ -352,7 +353,7 @@ def test_shipped_drm_ranks_held_out_pairs_like_the_oracle():
     drm, _ = model.load_drm(os.path.join(os.path.dirname(ASSETS), "drm.safetensors"), pipe.transformer)
     held_out = world.split_prompts()[1]
     prompts = [p for p in held_out[::len(held_out) // 24][:24] for _ in range(6)]
-    images = pipe(prompt=prompts, num_inference_steps=20, guidance_scale=4.5, height=64, width=64,
+    images = pipe(prompt=prompts, num_inference_steps=20, guidance_scale=guidance, height=64, width=64,
                   max_sequence_length=16, generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
                   output_type="pt").images * 2 - 1  # (N, 3, 64, 64) in [-1, 1]
     oracle = world.score(((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy(), prompts)
