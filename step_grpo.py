@@ -374,6 +374,10 @@ def check_args(args, world):
         raise UserError(f"--k {args.k}: step mode needs >= 2 candidates per step to compare")
     if args.mode == "grpo" and args.group < 2:
         raise UserError(f"--group {args.group}: grpo mode needs >= 2 trajectories per prompt to compare")
+    if args.guidance < 1:
+        raise UserError(f"--guidance {args.guidance}: must be >= 1 (1: no classifier-free guidance)")
+    if not args.noise_level > 0:
+        raise UserError(f"--noise-level {args.noise_level}: must be > 0 (the policy's log-probs need SDE noise)")
     if not 0 <= args.ema < 1:
         raise UserError(f"--ema {args.ema}: the EMA decay must lie in [0, 1) (0: off; Flow-GRPO's is 0.9)")
     if args.lora_rank <= 0 or args.lora_alpha <= 0:

@@ -452,6 +452,8 @@ def test_bad_inputs(tiny_dir, drm_file, other_drm, tmp_path):
         "--k 1": ["--k", "1"],
         "--group 1": ["--mode", "grpo", "--group", "1"],
         "--lora-rank 0": ["--lora-rank", "0"],
+        "--guidance 0.5: must be >= 1": ["--guidance", "0.5"],
+        "--noise-level 0.0: must be > 0": ["--noise-level", "0"],
         "--eval-batch-size must be >= 1": ["--eval-batch-size", "0"],
         "trained over a transformer with num_layers=3": ["--drm", other_drm],
         "--drm is required": ["--drm", "", "--reward", "drm"],

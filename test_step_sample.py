@@ -216,7 +216,8 @@ def test_cli_bad_input(tiny_dir, drm_file, tmp_path):
     model.save_drm(model.DRM(other.transformer, skip_last_blocks=1), other_drm)
     base = ["--model", tiny_dir, "--drm", drm_file, "--prompt", "a red circle", "--height", "32", "--width", "32"]
     cases = [(["--k", "0"], "--k"), (["--steps", "0"], "--steps"), (["--height", "30"], "--height"),
-             (["--prompts", str(empty)], "empty.txt"), (["--branch-steps", "3:2"], "--branch-steps")]
+             (["--prompts", str(empty)], "empty.txt"), (["--branch-steps", "3:2"], "--branch-steps"),
+             (["--guidance", "-2"], "--guidance"), (["--noise-level", "-0.1"], "--noise-level")]
     for extra, expected in cases:
         rc, log = run_cli(*base, *extra, "--out", str(tmp_path / "o"))
         assert rc != 0 and "error:" in log and expected in log, (extra, log[-1000:])
@@ -401,7 +402,8 @@ def test_compare_sampling_bad_input(tiny_dir, drm_file, tmp_path):
     cases = [(["--drm", str(tmp_path / "missing.safetensors")], "--drm"), (["--prompts", "0"], "--prompts"),
              (["--prompts", str(held_out + 1)], str(held_out)), (["--seeds", "0"], "--seeds"),
              (["--ks", "1,0,2"], "--ks"), (["--ks", "1,x"], "--ks"), (["--steps", "0"], "--steps"),
-             (["--batch-size", "0"], "--batch-size")]
+             (["--batch-size", "0"], "--batch-size"), (["--guidance", "0.5"], "--guidance"),
+             (["--noise-level", "-1"], "--noise-level")]
     for extra, expected in cases:
         with pytest.raises(UserError, match=expected):
             cs.main(base + extra)

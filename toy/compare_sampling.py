@@ -102,6 +102,8 @@ def check_args(args):
         raise UserError(f"--steps {args.steps}: must be >= 1")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.guidance < 1:
+        raise UserError(f"--guidance {args.guidance}: must be >= 1 (1: no classifier-free guidance)")
     if not args.noise_level > 0:
         raise UserError(f"--noise-level {args.noise_level}: must be > 0 (at 0 the k candidates of a step are one "
                         f"point; the ODE baseline is run anyway)")
