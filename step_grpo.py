@@ -218,7 +218,7 @@ def rollout(prompts, ctx, generators):
     log-probs (B * k,) and advantages (B * k,). Every rank records exactly --steps records (DDP syncs on the last).
     generators: one per prompt (prompt_generators); rows of B and B * k are grouped by prompt, so each prompt's
     noise comes from its own generator."""
-    args, pipe, transformer, dtype = ctx["args"], ctx["pipe"], ctx["transformer"], ctx["dtype"]
+    args, transformer, dtype = ctx["args"], ctx["transformer"], ctx["dtype"]
     step_mode, device = args.mode == "step", ctx["device"]
     k, per_prompt = (args.k, 1) if step_mode else (1, args.group)
     p, guidance = len(prompts), args.guidance if args.cfg_in_loss else 1.0
