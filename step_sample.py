@@ -231,10 +231,8 @@ def check_args(args):
         raise UserError(f"--k must be >= 1, got {args.k}")
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if args.guidance < 1:  # diffusers runs any scale <= 1 as no guidance; a smaller one is a mistake
-        raise UserError(f"--guidance must be >= 1 (1: no classifier-free guidance), got {args.guidance}")
-    if args.noise_level < 0:
-        raise UserError(f"--noise-level must be >= 0 (0: the Euler ODE), got {args.noise_level}")
+    if args.guidance < 1 or args.noise_level < 0:  # diffusers runs a scale below 1 as 1: a mistake, not a setting
+        raise UserError(f"--guidance {args.guidance} must be >= 1 (1: no CFG), --noise-level {args.noise_level} >= 0")
     if args.images_per_prompt < 1 or args.batch_size < 1 or args.best_of_n < 0:
         raise UserError("--images-per-prompt and --batch-size must be >= 1, --best-of-n >= 0")
     if (args.k > 1 or args.best_of_n) and not args.drm and args.scorer == "drm":
