@@ -592,6 +592,23 @@ def test_deciding_shares_name_the_degradation_that_split_each_prompts_samples(se
 # ----------------------------------------------------------------------------------------------------------------
 # The build's defaults and the evaluation script
 
+def test_a_continued_generator_starts_a_new_report(tmp_path):
+    """--stages transformer over a saved pipeline: build.json records the transformer it continued, and drops the
+    earlier samples and DRMs (they describe the old generator)."""
+    import json
+    import shutil
+    from toy import build
+    shutil.copytree(ASSETS, tmp_path / "pipeline")
+    old = {"transformer": {"steps": int(np.random.default_rng().integers(1, 10_000))}, "samples_test": {"n": 3},
+           "drm_lora_train_cross": {"step": 2}}
+    (tmp_path / "build.json").write_text(json.dumps(old))
+    args = build.parse_args(["--out", str(tmp_path), "--stages", "transformer", "--quick"])
+    build.main(args)
+    report = json.load(open(tmp_path / "build.json"))
+    assert report["continued_from"] == old["transformer"] and report["transformer"]["steps"] == args.steps
+    assert "samples_test" not in report and "drm_lora_train_cross" not in report
+
+
 def test_build_defaults_are_the_shipped_recipe_and_reward_train_accepts_them(tmp_path):
     """`python -m toy.build` with no flags runs the recipe toy/assets/build.json records for the shipped assets:
     the build's own flags, and the DRM flags it hands to reward_train.py (parsed by reward_train's own parser)."""

@@ -23,7 +23,7 @@ spreads in quality (held-out 0.65 +- 0.26 under the oracle; round 12). Every sta
 (the DRM excepted: --drm-minutes), so a slower machine builds the same generator, later.
 The transformer stage saves OUT/transformer_checkpoint.pt every --checkpoint-every steps and on SIGTERM; the same
 command with --resume goes on from it (a machine that stops commands at 10 minutes can run any budget that way).
-A command of later stages only (no vae) adds to the build.json the earlier ones wrote.
+A command of the later stages only (pairs, drm, assets) adds to the build.json the earlier ones wrote.
 
     python -m toy.build --out runs/toy                     # ~20 min on one H200; CPU works, slowly (or --quick)
     python -m toy.build --out runs/toy --quick             # a few minutes on CPU: tiny budgets, for testing
@@ -643,8 +643,10 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     stages, t_start = set(args.stages.split(",")), time.time()
     built = os.path.join(args.out, "build.json")
-    # Later stages of a build (no vae: e.g. --stages drm,assets after a stop) add to the report it wrote so far.
-    report = json.load(open(built)) if "vae" not in stages and os.path.isfile(built) else {}
+    # Later stages of a build (pairs, drm, assets: e.g. after a stop) add to the report it wrote so far; a new or
+    # continued generator starts a new report (the old one's samples and DRMs do not describe it).
+    earlier = json.load(open(built)) if os.path.isfile(built) else {}
+    report = {} if stages & {"vae", "transformer"} else earlier
     train_prompts, held_out = (prompts[:args.max_prompts or None] for prompts in world.split_prompts())
     pipeline_dir = os.path.join(args.out, "pipeline")
 
@@ -691,7 +693,7 @@ def main(args):
                 restore_pipeline(pipe, checkpoint)
                 report["continued_from"] = checkpoint["report"].get("continued_from")
             else:
-                report["continued_from"] = report.get("transformer")
+                report["continued_from"] = earlier.get("transformer")
             latents = encode_all(pipe.vae.to(device), images, device)
             shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
         if "transformer" in stages:
