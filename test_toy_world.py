@@ -549,6 +549,30 @@ def test_cross_pairs_rank_by_the_oracle_under_the_pairs_prompt(seed):
     assert np.mean([prompts[index[r["path1"]]] == r["prompt"] for r in records]) > 0.9
 
 
+def test_oracle_terms_over_a_pool_are_the_oracles_terms(seed):
+    """The pairs stage scores in chunks over worker processes: the same terms, and the same cross pairs, as one
+    call in this process."""
+    from multiprocessing import Pool
+    from toy.build import cross_pairs, oracle_terms
+    rng = np.random.default_rng(seed)
+    start = int(rng.integers(900))
+    unique = world.split_prompts()[0][start:start + 20]  # neighbouring prompts: cross pairs between them
+    prompts = [p for p in unique for _ in range(3)]
+    images = np.stack([np.asarray(world.degrade(world.render(p, rng), "blur", rng, float(rng.uniform(0, 1)),
+                                                prompt=p).convert("RGB")) for p in prompts])
+    expected = world.score_terms(images, prompts)
+    paths = [f"images/train/{i:06d}.png" for i in range(len(prompts))]
+    with Pool(2) as pool:
+        terms = oracle_terms(images, prompts, pool, chunk=7)  # uneven chunks
+        assert set(terms) == set(expected)
+        for k in expected:
+            np.testing.assert_array_equal(terms[k], expected[k])
+        scores = world.combine(terms)
+        np.testing.assert_array_equal(scores, world.score(images, prompts))
+        pooled = cross_pairs(prompts, paths, images, scores, 3, 4, np.random.default_rng(seed), pool)
+    assert pooled and pooled == cross_pairs(prompts, paths, images, scores, 3, 4, np.random.default_rng(seed))
+
+
 def test_deciding_term_is_the_factor_that_differs(seed):
     from toy.evaluate import TERMS, deciding_terms
     rng = np.random.default_rng(seed)
@@ -574,7 +598,7 @@ def test_deciding_shares_name_the_degradation_that_split_each_prompts_samples(se
         expected.append(kinds[kind])
     images = np.stack([np.asarray(Image.fromarray(im).convert("RGB")) for im in images])
     scores = world.score(images, prompts)
-    out = deciding_shares(images, prompts, scores, per_prompt)
+    out = deciding_shares(world.score_terms(images, prompts), scores, per_prompt)
     from toy.evaluate import TERMS, deciding_terms
     pairs = [(2 * i, 2 * i + 1) for i in range(len(unique)) if abs(scores[2 * i] - scores[2 * i + 1]) >= 0.15]
     assert pairs  # full-strength blur and noise cost far more than 0.15
@@ -611,22 +635,16 @@ def test_a_continued_generator_starts_a_new_report(tmp_path):
 
 def test_build_defaults_are_the_shipped_recipe_and_reward_train_accepts_them(tmp_path):
     """`python -m toy.build` with no flags runs the recipe toy/assets/build.json records for the shipped assets:
-    the build's own flags, and the DRM flags it hands to reward_train.py (parsed by reward_train's own parser)."""
+    every flag of the run that built them (its `args`), and the DRM flags it hands to reward_train.py (parsed by
+    reward_train's own parser)."""
     import json
-    import shlex
     import reward_train
     from toy import build
     shipped = json.load(open(os.path.join(os.path.dirname(ASSETS), "build.json")))
+    assert shipped["recipe"] == ["python -m toy.build --out OUT"]
     args = build.parse_args(["--out", str(tmp_path)])
-    expected = {}  # a later recipe line (a rerun of a stage) overrides an earlier one
-    for line in shipped["recipe"]:
-        if line.startswith("python -m toy.build"):
-            words = shlex.split(line.replace("OUT", str(tmp_path)))[3:]
-            recorded = build.parse_args(words)
-            expected.update({w[2:].replace("-", "_"): getattr(recorded, w[2:].replace("-", "_")) for w in words
-                             if w.startswith("--") and w not in ("--out", "--stages", "--resume", "--new-transformer",
-                                                                 "--new-text-encoder", "--patch-size")})
-    assert len(expected) >= 4, expected
+    expected = {name: value for name, value in shipped["args"].items() if name not in ("out", "resume")}
+    assert len(expected) >= 30 and expected["stages"] == "data,vae,transformer,pairs,drm,assets"
     assert {name: getattr(args, name) for name in expected} == expected
     drm = reward_train.parse_args(build.drm_flags(args, args.drm_modes.split(",")[0], args.drm_lr.split(",")[0]))
     recipe = shipped["drm"]

@@ -4,10 +4,12 @@ The step is the build's: logit-normal t, its flow_matching_loss (bf16 autocast),
 change only how the step runs:
 
     sync       torch.compile (default mode), AdamW (foreach), loss.item() every step (a host sync per step)
-    fused      AdamW(fused=True), the loss kept on the GPU: what toy/build.py runs
+    fused      AdamW(fused=True), the loss kept on the GPU (toy/build.py with --no-cuda-graph)
     autotune   fused + torch.compile(mode="max-autotune-no-cudagraphs")
     graphs     fused + torch.compile(mode="reduce-overhead"): forward and backward replayed as CUDA graphs
     graphs_flat  graphs without cudagraph trees (torch._inductor.config.triton.cudagraph_trees = False)
+    step_graph   fused, the whole step (forward, backward, clip, AdamW) captured as one CUDA graph by hand
+                 (toy.build.make_train_step): what toy/build.py runs
     eager      sync without torch.compile
 
 Random weights and latents of the toy's shapes (16 x 16 x 16 latents, patch 1, 93 context tokens): the speed does
@@ -30,10 +32,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusers import SD3Transformer2DModel  # noqa: E402
 
-from toy.build import flow_matching_loss, transformer_config  # noqa: E402
+from toy.build import make_train_step, transformer_config, transformer_optimizer  # noqa: E402
 
 CONTEXT = 77 + 16  # CLIP tokens + T5 tokens (MAX_SEQUENCE_LENGTH) of the toy pipeline
-VARIANTS = ("sync", "fused", "autotune", "graphs", "graphs_flat", "eager")
+VARIANTS = ("sync", "fused", "autotune", "graphs", "graphs_flat", "step_graph", "eager")
 
 
 def parse_args(argv=None):
@@ -60,10 +62,15 @@ def make_step(variant, batch, device, window):
         inductor_config.triton.cudagraph_trees = variant != "graphs_flat"
     model = SD3Transformer2DModel(**transformer_config(patch_size=1)).train().to(device)
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=4e-4, weight_decay=0.01, fused=variant not in ("sync", "eager"))
+    graphed = variant == "step_graph" and device.type == "cuda"
+    if variant in ("sync", "eager"):
+        optimizer = torch.optim.AdamW(params, lr=4e-4, weight_decay=0.01)
+    else:
+        optimizer = transformer_optimizer(params, 4e-4, device, graphed)
     mode = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead",
             "graphs_flat": "reduce-overhead"}.get(variant, "default")
     forward = model if variant == "eager" or device.type != "cuda" else torch.compile(model, mode=mode)
+    train_step = make_train_step(forward, params, optimizer, graphed)
     latents = torch.randn(4096, 16, 16, 16, device=device)
     embeds = torch.randn(64, CONTEXT, 128, device=device)
     pooled = torch.randn(64, 96, device=device)
@@ -74,11 +81,7 @@ def make_step(variant, batch, device, window):
         cond = torch.randint(len(embeds), (batch,), device=device)
         x0 = latents[idx]
         t = torch.sigmoid(torch.randn(batch, device=device))
-        loss = flow_matching_loss(forward, x0, torch.randn_like(x0), t, embeds[cond], pooled[cond])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step((x0, torch.randn_like(x0), t, embeds[cond], pooled[cond]))
         if variant in ("sync", "eager"):
             state["value"] = loss.item()  # a host sync per step
         state["losses"] = (state["losses"] + [loss.detach()])[-window:]

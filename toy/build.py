@@ -16,16 +16,17 @@ oracle as an HPDv3 preference set, and a DRM trained on that set by reward_train
 5. DRM: `reward_train.py` on those files (LoRA backbone on the cross pairs by default; --drm-modes compares
    several). OUT/assets then holds what the repo ships: the pipeline and the first DRM in fp16.
 
-The defaults are the recipe of the shipped assets (toy/assets/build.json): about 20 minutes on one H200 (data and
-VAE 2 min, transformer 17,000 steps at batch 256 ~11, samples and pairs 2, DRM 5). That schedule teaches the word
-order of two-object prompts (docs/toy/README.md rounds 10 and 12), and sampled without CFG (--guidance 1) its base
-spreads in quality (held-out 0.65 +- 0.26 under the oracle; round 12). Every stage runs a fixed number of steps
-(the DRM excepted: --drm-minutes), so a slower machine builds the same generator, later.
+The defaults are the recipe of the shipped assets (toy/assets/build.json): 8.3 minutes on one H200 that had
+compiled nothing before (data and VAE 0.5 min, transformer 17,000 steps at batch 256 4.7 with its first
+torch.compile, samples and pairs 1.1, DRM 1.9; docs/toy/README.md round 13). That schedule teaches the word order
+of two-object prompts (rounds 10 and 12), and sampled without CFG (--guidance 1) its base spreads in quality
+(held-out 0.61 +- 0.24 under the oracle; round 13). Every stage runs a fixed number of steps (the DRM excepted:
+--drm-minutes), so a slower machine builds the same generator, later.
 The transformer stage saves OUT/transformer_checkpoint.pt every --checkpoint-every steps and on SIGTERM; the same
 command with --resume goes on from it (a machine that stops commands at 10 minutes can run any budget that way).
 A command of the later stages only (pairs, drm, assets) adds to the build.json the earlier ones wrote.
 
-    python -m toy.build --out runs/toy                     # ~20 min on one H200; CPU works, slowly (or --quick)
+    python -m toy.build --out runs/toy                     # ~8 min on one H200; CPU works, slowly (or --quick)
     python -m toy.build --out runs/toy --quick             # a few minutes on CPU: tiny budgets, for testing
     python -m toy.build --out runs/toy --resume            # the same command after a stop: go on from the checkpoint
     python -m toy.build --out runs/toy --stages drm,assets # after a stop in the pairs or the DRM
@@ -81,7 +82,7 @@ def parse_args(argv=None):
                    "transformer only)")
     p.add_argument("--heads", type=int, default=TRANSFORMER["num_attention_heads"], help="attention heads of 32 "
                    "channels each: the transformer's width is 32 x heads (a new transformer only)")
-    p.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps")
+    p.add_argument("--vae-steps", type=int, default=500, help="VAE training steps")
     p.add_argument("--steps", type=int, default=17000, help="transformer training steps (--transformer-minutes, "
                    "if given, caps them)")
     p.add_argument("--vae-minutes", type=float, default=0.0, help="cap on VAE training time (steps shrink to fit; "
@@ -102,6 +103,9 @@ def parse_args(argv=None):
                    "current recipe, new_t5), e.g. over a VAE saved by an older build")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the "
                    "transformer for its training, on a GPU (1.45x the steps in the same time on an H200)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True, help="on a GPU, capture "
+                   "the transformer's training step as one CUDA graph and replay it (make_train_step; not with "
+                   "--train-text-encoder)")
     p.add_argument("--new-transformer", action="store_true", help="with --stages transformer (no vae): train a "
                    "new transformer (--patch-size, --layers, --heads) over the saved VAE and text encoders")
     p.add_argument("--patch-size", type=int, choices=(1, 2), help="transformer patch size (1: 16 x 16 tokens); "
@@ -115,7 +119,7 @@ def parse_args(argv=None):
                    "samples against a sample of a neighbour prompt (one word changed), both scored under it")
     p.add_argument("--drm-steps", type=int, default=50000, help="DRM training steps (reward_train.py; "
                    "--drm-minutes caps them)")
-    p.add_argument("--drm-minutes", type=float, default=4.57, help="cap on each DRM's training time (0: none)")
+    p.add_argument("--drm-minutes", type=float, default=1.5, help="cap on each DRM's training time (0: none)")
     p.add_argument("--drm-batch-size", type=int, default=128, help="DRM batch size (pairs)")
     p.add_argument("--drm-modes", default="lora@train_cross", help="DRMs to train, comma-separated MODE or MODE@PAIRS "
                    "(PAIRS: train or train_cross, the pairs file under prefs/); the first is shipped")
@@ -311,7 +315,10 @@ class TimeBudget:
 def cosine_lr(optimizer, step, total, peak, warmup=200):
     lr = peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)  # a captured step reads it on the device
+        else:
+            group["lr"] = lr
 
 
 def train_vae(vae, images, args, device):
@@ -376,6 +383,59 @@ def flow_matching_loss(forward, x0, eps, t, context, pooled):
     return F.mse_loss(v.float(), eps - x0)
 
 
+def transformer_optimizer(params, lr, device, graphed):
+    """AdamW for the transformer: fused on a GPU; for a captured step (graphed) also capturable, with the learning
+    rate a device tensor that cosine_lr fills in place."""
+    if graphed:
+        lr = torch.tensor(lr, device=device)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=device.type == "cuda", capturable=graphed)
+
+
+def make_train_step(forward, params, optimizer, graphed, warmup=3):
+    """step(batch) -> loss: one optimisation step (flow-matching loss, backward, grad clip 1.0, AdamW) on `batch` =
+    (x0, eps, t, context, pooled); the loss is a GPU scalar, nothing waits for it.
+
+    graphed: the first `warmup` steps run as usual on a side stream (torch.compile compiles there), then the whole
+    step is captured once as a CUDA graph and every later step copies its batch into the graph's inputs and replays
+    it. The toy transformer's step is launch-bound, so this removes most of its time
+    (bench/bench_toy_transformer.py); the batches and learning rates are the same, so it trains the same model up to
+    rounding. The batch's shapes must not change; the optimizer must come from transformer_optimizer(graphed=True)."""
+    def eager(batch):
+        loss = flow_matching_loss(forward, *batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    if not graphed:
+        return eager
+    graph, side, state = torch.cuda.CUDAGraph(), torch.cuda.Stream(), dict(calls=0, inputs=None, loss=None)
+
+    def step(batch):
+        state["calls"] += 1
+        if state["calls"] <= warmup:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = eager(batch)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if state["inputs"] is None:  # capture (records the kernels, runs nothing); the grads it makes stay put
+            state["inputs"] = [b.clone() for b in batch]
+            with torch.cuda.graph(graph):
+                loss = flow_matching_loss(forward, *state["inputs"])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+            state["loss"] = loss.detach()
+        for static, b in zip(state["inputs"], batch):
+            static.copy_(b)
+        graph.replay()
+        return state["loss"].clone()  # the next replay overwrites the graph's own
+
+    return step
+
+
 def train_transformer(pipe, latents, prompts, args, device, report, checkpoint=None):
     """Rectified flow: x_t = (1 - t) x0 + t eps, predict v = eps - x0 at timestep 1000 t, t logit-normal.
     With --train-text-encoder the T5 tokens (the last MAX_SEQUENCE_LENGTH of the context) are recomputed with
@@ -393,15 +453,19 @@ def train_transformer(pipe, latents, prompts, args, device, report, checkpoint=N
         token_ids = t5_ids(pipe, sorted(index, key=index.get), device)  # (P, L) in table order
         params += list(t5.parameters())
     # Fused AdamW and no per-step host sync (the loss is read when printed): 1.5-1.9x the steps per second on an
-    # H200 (bench/bench_toy_transformer.py).
-    optimizer = torch.optim.AdamW(params, lr=args.transformer_lr, weight_decay=0.01, fused=device.type == "cuda")
+    # H200; the whole step as one CUDA graph: another 3.2x, the same losses (bench/bench_toy_transformer.py).
+    graphed = args.cuda_graph and device.type == "cuda" and not args.train_text_encoder
+    optimizer = transformer_optimizer(params, args.transformer_lr, device, graphed)
     forward = torch.compile(transformer) if args.compile and device.type == "cuda" else transformer
+    train_step = make_train_step(forward, params, optimizer, graphed)
     ema = [p.detach().clone() for p in params] if args.ema else None
     # A continued run (--stages transformer) draws other batches than the run it continues.
     g = torch.Generator(device).manual_seed(args.seed + 2 + 1000 * ("vae" not in args.stages.split(",")))
     losses, total, step, spent = [], args.steps, 0, 0.0
     if checkpoint:  # the weights were restored with the pipeline (restore_pipeline)
+        lr, capturable = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["capturable"]
         optimizer.load_state_dict(checkpoint["optimizer"])
+        optimizer.param_groups[0].update(lr=lr, capturable=capturable)  # this run's step kind, not the saved one's
         if ema is not None:
             torch._foreach_copy_(ema, [e.to(device) for e in checkpoint["ema"]])
         g.set_state(checkpoint["generator"])
@@ -439,14 +503,10 @@ def train_transformer(pipe, latents, prompts, args, device, report, checkpoint=N
                     distinct, where = torch.unique(cond, return_inverse=True)
                     t5_tokens = t5(token_ids[distinct])[0][where]  # (n, L, joint_attention_dim)
                 context = torch.cat([context[:, :-MAX_SEQUENCE_LENGTH], t5_tokens.to(context.dtype)], dim=1)
-            loss = flow_matching_loss(forward, x0, eps, t, context, pooled[cond])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step((x0, eps, t, context, pooled[cond]))
             if ema is not None:  # warm-up: a short average at first, so early weights fade
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(args.ema, (1 + step) / (10 + step)))
-            losses = losses[-99:] + [loss.detach()]  # GPU scalars: no host sync here
+            losses = losses[-99:] + [loss]  # GPU scalars: no host sync here
             step += 1
             total = budget.fit(step, total)
             if step % 1000 == 0:
@@ -556,7 +616,20 @@ def neighbours(prompts):
     return out
 
 
-def cross_pairs(prompts, paths, images, scores, per_prompt, count, rng):
+def _terms_chunk(job):
+    return world.score_terms(*job)
+
+
+def oracle_terms(images, prompts, pool=None, chunk=1000):
+    """world.score_terms, in chunks over a multiprocessing pool if one is given (the pairs stage scores ~65,000
+    images: about a minute on one core)."""
+    if pool is None:
+        return world.score_terms(images, prompts)
+    parts = pool.map(_terms_chunk, [(images[i:i + chunk], prompts[i:i + chunk]) for i in range(0, len(images), chunk)])
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+
+def cross_pairs(prompts, paths, images, scores, per_prompt, count, rng, pool=None):
     """`count` pairs per prompt: one of its own samples against a sample drawn for a neighbour prompt (one word
     changed: a colour, shape, position or relation), the borrowed sample scored by the oracle under THIS prompt.
     Both images are base samples; the pairs teach whether an image fits its prompt."""
@@ -572,7 +645,7 @@ def cross_pairs(prompts, paths, images, scores, per_prompt, count, rng):
             prompt_of.append(p)
     if not own:
         return []
-    cross = world.score(images[borrowed], prompt_of)
+    cross = world.combine(oracle_terms(images[borrowed], prompt_of, pool))
     records = []
     for a, b, p, sb in zip(own, borrowed, prompt_of, cross):
         if scores[a] == sb:
@@ -583,16 +656,15 @@ def cross_pairs(prompts, paths, images, scores, per_prompt, count, rng):
     return records
 
 
-def deciding_shares(images, prompts, scores, per_prompt):
+def deciding_shares(terms, scores, per_prompt):
     """Share of the confident own-prompt pairs (gap >= 0.15) decided by each oracle term, and each term's mean over
-    the samples: whether pairs turn on differences a model can see."""
+    the samples (`terms`: world.score_terms of them): whether pairs turn on differences a model can see."""
     from toy.evaluate import TERMS, deciding_terms
     win, lose = [], []
-    for a, b in same_prompt_pairs(len(prompts), per_prompt):
+    for a, b in same_prompt_pairs(len(scores), per_prompt):
         if abs(scores[a] - scores[b]) >= 0.15:
             win.append(a if scores[a] > scores[b] else b)
             lose.append(b if scores[a] > scores[b] else a)
-    terms = world.score_terms(images, prompts)
     decided = deciding_terms(terms, np.array(win, dtype=int), np.array(lose, dtype=int))
     return dict(decided_by={t: round(float((decided == t).mean()), 3) for t in TERMS if len(decided)},
                 term_means={t: round(float(terms[t].mean()), 3) for t in TERMS})
@@ -708,6 +780,7 @@ def main(args):
 
     if "pairs" in stages:
         t0 = time.time()
+        pool = Pool(min(16, os.cpu_count() or 1))  # scores the samples
         pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, dtype=torch.float32).to(device)
         pipe.set_progress_bar_config(disable=True)
         prefs = os.path.join(args.out, "prefs")
@@ -715,19 +788,21 @@ def main(args):
                                                                                    args.seed * 1000 + 20)):
             prompts = [p for p in plist for _ in range(args.samples_per_prompt)]
             images = sample(pipe, prompts, seed * 100_000, args.sample_steps, args.guidance)
-            scores = world.score(images, prompts)
+            terms = oracle_terms(images, prompts, pool)
+            scores = world.combine(terms)
             records, paths = write_pairs(prefs, name, prompts, images, scores, args.samples_per_prompt)
             report[f"samples_{name}"] = summary(scores) | dict(
                 pairs=len(records), pairs_conf95=sum(r["confidence"] >= 0.95 for r in records),
-                **deciding_shares(images, prompts, scores, args.samples_per_prompt))
+                **deciding_shares(terms, scores, args.samples_per_prompt))
             if name == "train" and args.cross_pairs:  # held-out pairs stay own-prompt pairs only
                 cross = cross_pairs(prompts, paths, images, scores, args.samples_per_prompt, args.cross_pairs,
-                                    np.random.default_rng(args.seed))
+                                    np.random.default_rng(args.seed), pool)
                 with open(os.path.join(prefs, "train_cross.json"), "w") as f:
                     json.dump(records + cross, f)
                 report["samples_train"].update(cross_pairs=len(cross),
                                                cross_conf95=sum(r["confidence"] >= 0.95 for r in cross))
             print(f"4. {name} samples: {report[f'samples_{name}']}", flush=True)
+        pool.close()
         report["pairs_seconds"] = round(time.time() - t0, 1)
 
     if "drm" in stages:

@@ -503,8 +503,12 @@ def score_terms(images, prompts):
 
 def score(images, prompts):
     """Oracle preference in [0, 1] per image: sqrt(fidelity * quality)."""
-    t = score_terms(images, prompts)
-    return np.sqrt(t["fidelity"] * t["quality"])
+    return combine(score_terms(images, prompts))
+
+
+def combine(terms):
+    """The oracle score from score_terms' output."""
+    return np.sqrt(terms["fidelity"] * terms["quality"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
