@@ -780,29 +780,28 @@ def main(args):
 
     if "pairs" in stages:
         t0 = time.time()
-        pool = Pool(min(16, os.cpu_count() or 1))  # scores the samples
         pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, dtype=torch.float32).to(device)
         pipe.set_progress_bar_config(disable=True)
         prefs = os.path.join(args.out, "prefs")
-        for name, plist, seed in (("train", train_prompts, args.seed * 1000 + 10), ("test", held_out,
-                                                                                   args.seed * 1000 + 20)):
-            prompts = [p for p in plist for _ in range(args.samples_per_prompt)]
-            images = sample(pipe, prompts, seed * 100_000, args.sample_steps, args.guidance)
-            terms = oracle_terms(images, prompts, pool)
-            scores = world.combine(terms)
-            records, paths = write_pairs(prefs, name, prompts, images, scores, args.samples_per_prompt)
-            report[f"samples_{name}"] = summary(scores) | dict(
-                pairs=len(records), pairs_conf95=sum(r["confidence"] >= 0.95 for r in records),
-                **deciding_shares(terms, scores, args.samples_per_prompt))
-            if name == "train" and args.cross_pairs:  # held-out pairs stay own-prompt pairs only
-                cross = cross_pairs(prompts, paths, images, scores, args.samples_per_prompt, args.cross_pairs,
-                                    np.random.default_rng(args.seed), pool)
-                with open(os.path.join(prefs, "train_cross.json"), "w") as f:
-                    json.dump(records + cross, f)
-                report["samples_train"].update(cross_pairs=len(cross),
-                                               cross_conf95=sum(r["confidence"] >= 0.95 for r in cross))
-            print(f"4. {name} samples: {report[f'samples_{name}']}", flush=True)
-        pool.close()
+        with Pool(min(16, os.cpu_count() or 1)) as pool:  # scores the samples
+            for name, plist, seed in (("train", train_prompts, args.seed * 1000 + 10), ("test", held_out,
+                                                                                       args.seed * 1000 + 20)):
+                prompts = [p for p in plist for _ in range(args.samples_per_prompt)]
+                images = sample(pipe, prompts, seed * 100_000, args.sample_steps, args.guidance)
+                terms = oracle_terms(images, prompts, pool)
+                scores = world.combine(terms)
+                records, paths = write_pairs(prefs, name, prompts, images, scores, args.samples_per_prompt)
+                report[f"samples_{name}"] = summary(scores) | dict(
+                    pairs=len(records), pairs_conf95=sum(r["confidence"] >= 0.95 for r in records),
+                    **deciding_shares(terms, scores, args.samples_per_prompt))
+                if name == "train" and args.cross_pairs:  # held-out pairs stay own-prompt pairs only
+                    cross = cross_pairs(prompts, paths, images, scores, args.samples_per_prompt, args.cross_pairs,
+                                        np.random.default_rng(args.seed), pool)
+                    with open(os.path.join(prefs, "train_cross.json"), "w") as f:
+                        json.dump(records + cross, f)
+                    report["samples_train"].update(cross_pairs=len(cross),
+                                                   cross_conf95=sum(r["confidence"] >= 0.95 for r in cross))
+                print(f"4. {name} samples: {report[f'samples_{name}']}", flush=True)
         report["pairs_seconds"] = round(time.time() - t0, 1)
 
     if "drm" in stages:
