@@ -427,6 +427,19 @@ def test_build_refuses_bad_flags_in_one_line(flags, message, capsys, tmp_path):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("stages, missing", [("pairs", "pipeline/model_index.json (the transformer/vae stage"),
+                                              ("drm,assets", "prefs/train.json (the pairs stage"),
+                                              ("assets", "drm_lora_train_cross/drm.safetensors (the drm stage")])
+def test_build_of_later_stages_names_the_missing_input_in_one_line(stages, missing, tmp_path):
+    """A run of later stages only (after a stop) over a folder that lacks an earlier stage's output."""
+    from toy import build
+    with pytest.raises(SystemExit) as exit_info:
+        build.main(build.parse_args(["--out", str(tmp_path), "--stages", stages]))
+    message = str(exit_info.value.code)
+    assert message.startswith(f"--stages {stages.split(',')[0]}: no {tmp_path}") and missing in message, message
+    assert "\n" not in message
+
+
 def test_time_budget_refits_as_the_speed_drifts_and_never_passes_the_planned_count(seed, monkeypatch):
     """toy.build.TimeBudget on a fake clock: steps fast at first, then slower (an H200 run fitted once from its early
     steps overran its budget by ~45%): the loop still ends within one re-fit interval of the budget, and not early.

@@ -722,6 +722,13 @@ def main(args):
     train_prompts, held_out = (prompts[:args.max_prompts or None] for prompts in world.split_prompts())
     pipeline_dir = os.path.join(args.out, "pipeline")
 
+    first_drm = os.path.join(args.out, drm_name(args.drm_modes.split(",")[0]), "drm.safetensors")
+    for stage, needed, makers in (("pairs", os.path.join(pipeline_dir, "model_index.json"), {"vae", "transformer"}),
+                                  ("drm", os.path.join(args.out, "prefs", "train.json"), {"pairs"}),
+                                  ("assets", first_drm, {"drm"})):
+        if stage in stages and not stages & makers and not os.path.isfile(needed):
+            raise SystemExit(f"--stages {stage}: no {needed} (the {'/'.join(sorted(makers))} stage writes it; run that "
+                             "first or add it to --stages)")
     checkpoint = load_checkpoint(args) if args.resume else None
     if "vae" in stages or "transformer" in stages:  # both need the renders ("data")
         t0 = time.time()
