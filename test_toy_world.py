@@ -565,8 +565,8 @@ def test_cross_pairs_rank_by_the_oracle_under_the_pairs_prompt(seed):
 def test_oracle_terms_over_a_pool_are_the_oracles_terms(seed):
     """The pairs stage scores in chunks over worker processes: the same terms, and the same cross pairs, as one
     call in this process."""
-    from multiprocessing import Pool
-    from toy.build import cross_pairs, oracle_terms
+    import signal
+    from toy.build import cross_pairs, oracle_terms, worker_pool
     rng = np.random.default_rng(seed)
     start = int(rng.integers(900))
     unique = world.split_prompts()[0][start:start + 20]  # neighbouring prompts: cross pairs between them
@@ -575,14 +575,18 @@ def test_oracle_terms_over_a_pool_are_the_oracles_terms(seed):
                                                 prompt=p).convert("RGB")) for p in prompts])
     expected = world.score_terms(images, prompts)
     paths = [f"images/train/{i:06d}.png" for i in range(len(prompts))]
-    with Pool(2) as pool:
-        terms = oracle_terms(images, prompts, pool, chunk=7)  # uneven chunks
-        assert set(terms) == set(expected)
-        for k in expected:
-            np.testing.assert_array_equal(terms[k], expected[k])
-        scores = world.combine(terms)
-        np.testing.assert_array_equal(scores, world.score(images, prompts))
-        pooled = cross_pairs(prompts, paths, images, scores, 3, 4, np.random.default_rng(seed), pool)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as reward_train.main leaves it in-process
+    try:
+        with worker_pool(2) as pool:  # its exit terminates the workers: they must not inherit the handler
+            terms = oracle_terms(images, prompts, pool, chunk=7)  # uneven chunks
+            scores = world.combine(terms)
+            pooled = cross_pairs(prompts, paths, images, scores, 3, 4, np.random.default_rng(seed), pool)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert set(terms) == set(expected)
+    for k in expected:
+        np.testing.assert_array_equal(terms[k], expected[k])
+    np.testing.assert_array_equal(scores, world.score(images, prompts))
     assert pooled and pooled == cross_pairs(prompts, paths, images, scores, 3, 4, np.random.default_rng(seed))
 
 

@@ -156,6 +156,13 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Data
 
+def worker_pool(workers):
+    """A process pool whose workers take SIGTERM's default action: a worker forked from a process that handles
+    SIGTERM (reward_train.main or step_grpo.main called in-process leave their handler) would ignore the pool's
+    terminate() and hang the exit of its with-block."""
+    return Pool(workers, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL))
+
+
 def _render_chunk(job):
     seed, prompts, degraded_fraction, kinds = job
     rng = np.random.default_rng(seed)
@@ -175,7 +182,7 @@ def make_training_images(prompts, num_images, seed, workers, degraded_fraction, 
     rng = np.random.default_rng(seed)
     chosen = [prompts[i] for i in rng.integers(len(prompts), size=num_images)]
     chunks = [(seed * 7919 + i, chosen[i:i + 1000], degraded_fraction, kinds) for i in range(0, num_images, 1000)]
-    with Pool(workers) as pool:
+    with worker_pool(workers) as pool:
         images = np.concatenate(pool.map(_render_chunk, chunks))
     return images, chosen
 
@@ -616,16 +623,13 @@ def neighbours(prompts):
     return out
 
 
-def _terms_chunk(job):
-    return world.score_terms(*job)
-
-
 def oracle_terms(images, prompts, pool=None, chunk=1000):
     """world.score_terms, in chunks over a multiprocessing pool if one is given (the pairs stage scores ~65,000
     images: about a minute on one core)."""
     if pool is None:
         return world.score_terms(images, prompts)
-    parts = pool.map(_terms_chunk, [(images[i:i + chunk], prompts[i:i + chunk]) for i in range(0, len(images), chunk)])
+    parts = pool.starmap(world.score_terms, [(images[i:i + chunk], prompts[i:i + chunk])
+                                             for i in range(0, len(images), chunk)])
     return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
 
@@ -790,7 +794,7 @@ def main(args):
         pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, dtype=torch.float32).to(device)
         pipe.set_progress_bar_config(disable=True)
         prefs = os.path.join(args.out, "prefs")
-        with Pool(min(16, os.cpu_count() or 1)) as pool:  # scores the samples
+        with worker_pool(min(16, os.cpu_count() or 1)) as pool:
             for name, plist, seed in (("train", train_prompts, args.seed * 1000 + 10), ("test", held_out,
                                                                                        args.seed * 1000 + 20)):
                 prompts = [p for p in plist for _ in range(args.samples_per_prompt)]
