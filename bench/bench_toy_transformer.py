@@ -9,14 +9,17 @@ change only how the step runs:
     graphs     fused + torch.compile(mode="reduce-overhead"): forward and backward replayed as CUDA graphs
     graphs_flat  graphs without cudagraph trees (torch._inductor.config.triton.cudagraph_trees = False)
     step_graph   fused, the whole step (forward, backward, clip, AdamW) captured as one CUDA graph by hand
-                 (toy.build.make_train_step): what toy/build.py runs
+                 (toy.build.make_train_step), torch.compile of the whole model
+    step_graph_blocks  step_graph with each transformer block compiled instead (model.compile_blocks): one block
+                 graph compiles and the others reuse it, so the first compilation is shorter
     eager      sync without torch.compile
 
 Random weights and latents of the toy's shapes (16 x 16 x 16 latents, patch 1, 93 context tokens): the speed does
 not depend on what was learned. Every variant starts from the same weights and draws the same batches, so its mean
 loss over the last window should match the others' up to rounding: a variant that trains differently shows there
 (graphs did, in a real build: docs/toy/README.md round 11). Prints a table (median and quartiles over timed
-windows) and writes JSON.
+windows) and writes JSON. The warm-up column holds the compilation: to time a first compilation, run each variant
+in its own process with empty caches (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR set to new folders).
 
     python bench/bench_toy_transformer.py --batches 256,512 --variants sync,fused,eager --out bench/results/x.json
 """
@@ -32,10 +35,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusers import SD3Transformer2DModel  # noqa: E402
 
+from model import compile_blocks  # noqa: E402
 from toy.build import make_train_step, transformer_config, transformer_optimizer  # noqa: E402
 
 CONTEXT = 77 + 16  # CLIP tokens + T5 tokens (MAX_SEQUENCE_LENGTH) of the toy pipeline
-VARIANTS = ("sync", "fused", "autotune", "graphs", "graphs_flat", "step_graph", "eager")
+VARIANTS = ("sync", "fused", "autotune", "graphs", "graphs_flat", "step_graph", "step_graph_blocks", "eager")
 
 
 def parse_args(argv=None):
@@ -62,14 +66,19 @@ def make_step(variant, batch, device, window):
         inductor_config.triton.cudagraph_trees = variant != "graphs_flat"
     model = SD3Transformer2DModel(**transformer_config(patch_size=1)).train().to(device)
     params = list(model.parameters())
-    graphed = variant == "step_graph" and device.type == "cuda"
+    graphed = variant.startswith("step_graph") and device.type == "cuda"
     if variant in ("sync", "eager"):
         optimizer = torch.optim.AdamW(params, lr=4e-4, weight_decay=0.01)
     else:
         optimizer = transformer_optimizer(params, 4e-4, device, graphed)
     mode = {"autotune": "max-autotune-no-cudagraphs", "graphs": "reduce-overhead",
             "graphs_flat": "reduce-overhead"}.get(variant, "default")
-    forward = model if variant == "eager" or device.type != "cuda" else torch.compile(model, mode=mode)
+    if variant == "eager" or device.type != "cuda":
+        forward = model
+    elif variant == "step_graph_blocks":
+        forward = compile_blocks(model)
+    else:
+        forward = torch.compile(model, mode=mode)
     train_step = make_train_step(forward, params, optimizer, graphed)
     latents = torch.randn(4096, 16, 16, 16, device=device)
     embeds = torch.randn(64, CONTEXT, 128, device=device)
@@ -119,13 +128,13 @@ def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
-    print(f"{'variant':<11} {'batch':>5} {'ms/step median':>15} {'q1-q3':>13} {'steps/s':>8} {'images/s':>9} "
+    print(f"{'variant':<17} {'batch':>5} {'ms/step median':>15} {'q1-q3':>13} {'steps/s':>8} {'images/s':>9} "
           f"{'warm-up s':>9} {'graphs':>6} {'last loss':>9}", flush=True)
     for batch in (int(b) for b in args.batches.split(",")):
         for variant in args.variants.split(","):
             r = time_variant(variant, batch, args, device)
             rows.append(r)
-            print(f"{variant:<11} {batch:>5} {r['ms_median']:>15.1f} {r['ms_q1']:>6.1f}-{r['ms_q3']:<6.1f} "
+            print(f"{variant:<17} {batch:>5} {r['ms_median']:>15.1f} {r['ms_q1']:>6.1f}-{r['ms_q3']:<6.1f} "
                   f"{r['steps_per_s']:>8.1f} {r['images_per_s']:>9.0f} {r['warmup_s']:>9.1f} {r['compiled_graphs']:>6} "
                   f"{r['loss_last_window']:>9.4f}", flush=True)
             os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -16,12 +16,12 @@ oracle as an HPDv3 preference set, and a DRM trained on that set by reward_train
 5. DRM: `reward_train.py` on those files (LoRA backbone on the cross pairs by default; --drm-modes compares
    several). OUT/assets then holds what the repo ships: the pipeline and the first DRM in fp16.
 
-The defaults are the recipe of the shipped assets (toy/assets/build.json): 8.3 minutes on one H200 that had
-compiled nothing before (data and VAE 0.5 min, transformer 17,000 steps at batch 256 4.7 with its first
-torch.compile, samples and pairs 1.1, DRM 1.9; docs/toy/README.md round 13). That schedule teaches the word order
-of two-object prompts (rounds 10 and 12), and sampled without CFG (--guidance 1) its base spreads in quality
-(held-out 0.61 +- 0.24 under the oracle; round 13). Every stage runs a fixed number of steps (the DRM excepted:
---drm-minutes), so a slower machine builds the same generator, later.
+The defaults are the recipe of the shipped assets (toy/assets/build.json): 7.7 minutes on one H200 with
+torch.compile's caches empty, 8.1 with Python's start and exit (data and VAE 0.5 min, transformer 17,000 steps at
+batch 256 4.7 with its first compilation, samples and pairs 1.0, DRM 1.4; docs/toy/README.md round 14). That
+schedule teaches the word order of two-object prompts (rounds 10 and 12), and sampled without CFG (--guidance 1) its
+base spreads in quality (held-out 0.60 +- 0.24 under the oracle; round 14). Every stage runs a fixed number of
+steps (the DRM excepted: --drm-minutes), so a slower machine builds the same generator, later.
 The transformer stage saves OUT/transformer_checkpoint.pt every --checkpoint-every steps and on SIGTERM; the same
 command with --resume goes on from it (a machine that stops commands at 10 minutes can run any budget that way).
 A command of the later stages only (pairs, drm, assets) adds to the build.json the earlier ones wrote.
@@ -119,7 +119,7 @@ def parse_args(argv=None):
                    "samples against a sample of a neighbour prompt (one word changed), both scored under it")
     p.add_argument("--drm-steps", type=int, default=50000, help="DRM training steps (reward_train.py; "
                    "--drm-minutes caps them)")
-    p.add_argument("--drm-minutes", type=float, default=1.5, help="cap on each DRM's training time (0: none)")
+    p.add_argument("--drm-minutes", type=float, default=1.0, help="cap on each DRM's training time (0: none)")
     p.add_argument("--drm-batch-size", type=int, default=128, help="DRM batch size (pairs)")
     p.add_argument("--drm-modes", default="lora@train_cross", help="DRMs to train, comma-separated MODE or MODE@PAIRS "
                    "(PAIRS: train or train_cross, the pairs file under prefs/); the first is shipped")
@@ -590,14 +590,19 @@ def same_prompt_pairs(count, per_prompt):
                 yield a, b
 
 
-def write_pairs(folder, name, prompts, images, scores, per_prompt):
-    """All pairs among the samples of each prompt, winner first; PNGs under folder/images/name/."""
+def save_pngs(folder, paths, images):
     from PIL import Image
+    for path, img in zip(paths, images):
+        Image.fromarray(img).save(os.path.join(folder, path))
+
+
+def write_pairs(folder, name, prompts, images, scores, per_prompt, pool=None, chunk=1000):
+    """All pairs among the samples of each prompt, winner first; PNGs under folder/images/name/ (written in chunks
+    over `pool` if one is given)."""
     os.makedirs(os.path.join(folder, "images", name), exist_ok=True)
-    paths = []
-    for i, img in enumerate(images):
-        paths.append(f"images/{name}/{i:06d}.png")
-        Image.fromarray(img).save(os.path.join(folder, paths[-1]))
+    paths = [f"images/{name}/{i:06d}.png" for i in range(len(images))]
+    jobs = [(folder, paths[i:i + chunk], images[i:i + chunk]) for i in range(0, len(images), chunk)]
+    pool.starmap(save_pngs, jobs) if pool is not None else [save_pngs(*job) for job in jobs]
     records = []
     for a, b in same_prompt_pairs(len(prompts), per_prompt):
         if scores[a] == scores[b]:
@@ -801,7 +806,7 @@ def main(args):
                 images = sample(pipe, prompts, seed * 100_000, args.sample_steps, args.guidance)
                 terms = oracle_terms(images, prompts, pool)
                 scores = world.combine(terms)
-                records, paths = write_pairs(prefs, name, prompts, images, scores, args.samples_per_prompt)
+                records, paths = write_pairs(prefs, name, prompts, images, scores, args.samples_per_prompt, pool)
                 report[f"samples_{name}"] = summary(scores) | dict(
                     pairs=len(records), pairs_conf95=sum(r["confidence"] >= 0.95 for r in records),
                     **deciding_shares(terms, scores, args.samples_per_prompt))
