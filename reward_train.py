@@ -353,7 +353,7 @@ def main(args):
     batches = iter(loader)
     sigmas_eval = [float(s) for s in args.eval_sigmas.split(",")]
     stop = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, then exit
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, exit
     if rank == 0:  # a resumed run logs again from its checkpoint on, a fresh one from the start: drop the rest
         truncate_metrics(os.path.join(args.out, "metrics.jsonl"), start_step if start_step else -1)
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
@@ -420,6 +420,7 @@ def main(args):
             print0(f"--max-minutes {args.max_minutes}: stopped at step {done} of {total_steps}", rank=rank)
             break
     bar.close()
+    signal.signal(signal.SIGTERM, previous)  # the caller's handler again (main called in-process: tests)
     if dist.is_initialized():
         dist.destroy_process_group()
 

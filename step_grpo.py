@@ -512,7 +512,7 @@ def main(args):
                 save_lora(transformer, os.path.join(args.out, "lora"))
 
     stop = {"requested": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, then exit
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, exit
     if eval_prompts and start_step == 0:  # step 0: the base model (the LoRA starts at zero), where curves begin
         row = dict(step=0, device_seconds=0.0, **evaluate(eval_prompts, ctx, rank, world, step=0))
         print0(f"step 0 (base model) eval: {({k: v for k, v in row.items() if k.startswith('eval')})}", rank=rank)
@@ -588,6 +588,7 @@ def main(args):
             print0(f"--max-minutes {args.max_minutes}: stopped at step {done} of {args.max_steps}", rank=rank)
             break
     bar.close()
+    signal.signal(signal.SIGTERM, previous)  # the caller's handler again (main called in-process: tests)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -756,6 +756,22 @@ def test_train_sigterm_writes_checkpoint(tiny_dir, pair_files, tmp_path):
     assert rc != 0 and "error:" in log and "--backbone frozen" in log, log[-3000:]
 
 
+def test_train_main_gives_the_callers_sigterm_handler_back(tiny_dir, pair_files, tmp_path):
+    """main catches SIGTERM while it trains (checkpoint, then exit); called in-process it leaves the caller's handler
+    as it found it."""
+    def caller(*_):
+        pass
+    previous = signal.signal(signal.SIGTERM, caller)
+    try:
+        steps = int(torch.randint(1, 3, ()))
+        reward_train.main(reward_train.parse_args(train_command(tiny_dir, pair_files, tmp_path / "out", "--backbone",
+                                                                "frozen", "--max-steps", str(steps))[2:]))
+        assert signal.getsignal(signal.SIGTERM) is caller
+        assert read_metrics(tmp_path / "out")[-1]["step"] == steps
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_train_max_minutes_stops_evaluates_and_saves(tiny_dir, pair_files, tmp_path):
     out = tmp_path / "out"
     command = train_command(tiny_dir, pair_files, out, "--backbone", "frozen", "--max-steps", "10000",

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -436,6 +437,20 @@ def test_evaluation_does_not_depend_on_its_batch_size(tiny_dir, drm_file, tmp_pa
     assert rows[0]["step"] == 0 and rows[0]["eval_prompts"] == rows[1]["eval_prompts"] == 3
     assert rows[0]["eval_drm"] == pytest.approx(rows[1]["eval_drm"], abs=1e-4)
     assert rows[0]["eval_oracle"] == pytest.approx(rows[1]["eval_oracle"], abs=1e-4)
+
+
+def test_main_gives_the_callers_sigterm_handler_back(tiny_dir, drm_file, tmp_path):
+    """main catches SIGTERM while it trains (checkpoint, then exit); called in-process it leaves the caller's handler
+    as it found it (a handler left behind made process pools forked later ignore terminate() and hang)."""
+    def caller(*_):
+        pass
+    previous = signal.signal(signal.SIGTERM, caller)
+    try:
+        step_grpo.main(step_grpo.parse_args(["--model", tiny_dir, "--drm", drm_file, "--max-steps", "1",
+                                             "--eval-every", "0", "--out", str(tmp_path / "run"), *RUN]))
+        assert signal.getsignal(signal.SIGTERM) is caller
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_bad_inputs(tiny_dir, drm_file, other_drm, tmp_path):

@@ -575,7 +575,7 @@ def test_oracle_terms_over_a_pool_are_the_oracles_terms(seed):
                                                 prompt=p).convert("RGB")) for p in prompts])
     expected = world.score_terms(images, prompts)
     paths = [f"images/train/{i:06d}.png" for i in range(len(prompts))]
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # as reward_train.main leaves it in-process
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a caller that handles SIGTERM
     try:
         with worker_pool(2) as pool:  # its exit terminates the workers: they must not inherit the handler
             terms = oracle_terms(images, prompts, pool, chunk=7)  # uneven chunks

@@ -158,8 +158,8 @@ def parse_args(argv=None):
 
 def worker_pool(workers):
     """A process pool whose workers take SIGTERM's default action: a worker forked from a process that handles
-    SIGTERM (reward_train.main or step_grpo.main called in-process leave their handler) would ignore the pool's
-    terminate() and hang the exit of its with-block."""
+    SIGTERM (e.g. a training loop's preemption handler) would ignore the pool's terminate() and hang the exit of its
+    with-block."""
     return Pool(workers, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_DFL))
 
 
@@ -530,7 +530,9 @@ def train_transformer(pipe, latents, prompts, args, device, report, checkpoint=N
     transformer.eval()
     pipe.text_encoder_3.requires_grad_(False)
     return dict(loss=float(torch.stack(losses).mean()), steps=step, text_encoder_trained=args.train_text_encoder,
-                seconds=round(budget.seconds(), 1))
+                seconds=round(budget.seconds(), 1), patch_size=transformer.config.patch_size,
+                blocks=len(transformer.transformer_blocks), batch=n, lr=args.transformer_lr,
+                compiled=forward is not transformer, cuda_graph=graphed)
 
 
 def restore_pipeline(pipe, checkpoint):
