@@ -604,7 +604,11 @@ def write_pairs(folder, name, prompts, images, scores, per_prompt, pool=None, ch
     os.makedirs(os.path.join(folder, "images", name), exist_ok=True)
     paths = [f"images/{name}/{i:06d}.png" for i in range(len(images))]
     jobs = [(folder, paths[i:i + chunk], images[i:i + chunk]) for i in range(0, len(images), chunk)]
-    pool.starmap(save_pngs, jobs) if pool is not None else [save_pngs(*job) for job in jobs]
+    if pool is None:
+        for job in jobs:
+            save_pngs(*job)
+    else:
+        pool.starmap(save_pngs, jobs)
     records = []
     for a, b in same_prompt_pairs(len(prompts), per_prompt):
         if scores[a] == scores[b]:
