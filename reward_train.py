@@ -66,6 +66,9 @@ class Args:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute prefix blocks in backward"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the DRM"})
     num_workers: int = field(default=2, metadata={"help": "image-loading worker processes per rank"})
+    prompt_cache: int = field(default=0, metadata={"help": "keep the text embeddings of up to N distinct prompts on "
+                                                           "the GPU (0: encode every batch); (77 + T5 tokens) x 4096 "
+                                                           "x 2 bytes each: 4.8 MB at 512 tokens"})
     eval_every: int = field(default=500, metadata={"help": "evaluate every N steps (and at the end); 0: end only"})
     eval_sigmas: str = field(default="0,0.25,0.5,0.75,0.9", metadata={"help": "noise levels for held-out accuracy"})
     eval_batch_size: int = field(default=8, metadata={"help": "pairs per GPU when evaluating"})
@@ -112,6 +115,21 @@ def add_noise(x0, noise, sigma):
 def bt_loss(score_win, score_lose):
     """Bradley-Terry negative log-likelihood that the winner beats the loser."""
     return -F.logsigmoid(score_win - score_lose).mean()
+
+
+def encode_prompts_cached(pipe, prompts, max_sequence_length, cache, size):
+    """encode_prompts with each distinct prompt encoded once per batch, and the embeddings of the first `size`
+    distinct prompts seen kept in `cache` (a dict): a data set of few prompts (the toy world's 961) runs the text
+    encoders only on first sight. size 0: nothing kept."""
+    new = [p for p in dict.fromkeys(prompts) if p not in cache]
+    fresh = {}
+    if new:
+        embeds, pooled = encode_prompts(pipe, new, max_sequence_length)
+        fresh = {p: (e, q) for p, e, q in zip(new, embeds, pooled)}
+        for p in new[:max(0, size - len(cache))]:
+            cache[p] = (fresh[p][0].clone(), fresh[p][1].clone())  # not views of the batch's tensors
+    pick = [cache[p] if p in cache else fresh[p] for p in prompts]
+    return torch.stack([e for e, _ in pick]), torch.stack([q for _, q in pick])
 
 
 def batch_indices(step, micro, rank, world, batch_size, grad_accum, num_pairs, seed):
@@ -218,17 +236,18 @@ def truncate_metrics(path, step):
 
 
 @torch.no_grad()
-def evaluate(drm, pipe, test_set, sigmas, args, rank, world, device, dtype):
+def evaluate(drm, pipe, test_set, sigmas, args, rank, world, device, dtype, prompt_cache):
     """Held-out accuracy at each noise level: winner's score strictly above the loser's. The same noise draw on
-    every call, so evaluations along training are comparable."""
+    every call, so evaluations along training are comparable. Images load in --num-workers processes."""
     drm.eval()
     generator = torch.Generator(device).manual_seed(12345 + rank)
     correct, total = torch.zeros(len(sigmas), device=device), torch.zeros((), device=device)
-    mine = list(range(rank, len(test_set), world))
-    for start in range(0, len(mine), args.eval_batch_size):
-        batch = collate([test_set[i] for i in mine[start:start + args.eval_batch_size]])
+    mine = torch.utils.data.Subset(test_set, range(rank, len(test_set), world))
+    for batch in torch.utils.data.DataLoader(mine, batch_size=args.eval_batch_size, num_workers=args.num_workers,
+                                             collate_fn=collate):
         n = len(batch["prompt"])
-        embeds, pooled = encode_prompts(pipe, batch["prompt"], args.max_sequence_length)
+        embeds, pooled = encode_prompts_cached(pipe, batch["prompt"], args.max_sequence_length, prompt_cache,
+                                               args.prompt_cache)
         x0 = encode_images(pipe.vae, torch.cat([batch["winner"], batch["loser"]]).to(device)).float()  # (2n, C, h, w)
         for j, sigma in enumerate(sigmas):
             noise = torch.randn(x0.shape, generator=generator, device=device)
@@ -270,6 +289,9 @@ def check_args(args):
     for name in ("batch_size", "grad_accum", "eval_batch_size", "lora_rank", "max_sequence_length"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("num_workers", "prompt_cache"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.model and not args.train_data:
         raise UserError("--train-data is required with --model (an HPDv3 .json or .jsonl of pairs)")
     if args.resume and args.resume != "latest" and not os.path.isfile(args.resume):
@@ -352,6 +374,7 @@ def main(args):
                                   grad_accum=args.grad_accum, num_pairs=len(train_set), seed=args.seed))
     batches = iter(loader)
     sigmas_eval = [float(s) for s in args.eval_sigmas.split(",")]
+    prompt_cache = {}  # prompt -> (embeds, pooled), up to --prompt-cache prompts
     stop = {"requested": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))  # preemption: checkpoint, exit
     if rank == 0:  # a resumed run logs again from its checkpoint on, a fresh one from the start: drop the rest
@@ -377,7 +400,8 @@ def main(args):
             n = len(batch["prompt"])
             # 1. Encode: clean latents (VAE mean) for winners then losers, and the prompt embeddings.
             x0 = encode_images(pipe.vae, torch.cat([batch["winner"], batch["loser"]]).to(device)).float()  # (2n,C,h,w)
-            embeds, pooled = encode_prompts(pipe, batch["prompt"], args.max_sequence_length)
+            embeds, pooled = encode_prompts_cached(pipe, batch["prompt"], args.max_sequence_length, prompt_cache,
+                                                   args.prompt_cache)
             # 2. One sigma per pair, shared by winner and loser; independent noise for the two.
             sigma = sample_sigmas(n, args.timestep_sampling, noise_generator, args.logit_mean, args.logit_std)
             sigma = torch.cat([sigma, sigma])  # (2n,)
@@ -404,7 +428,8 @@ def main(args):
         row = dict(step=done, loss=round(loss_sum, 5), train_acc=round(correct / (n * args.grad_accum), 4),
                    grad_norm=round(float(grad_norm), 4), pairs_per_s=round(pairs_per_step / (time.time() - t0), 3))
         if test_set is not None and (last or (args.eval_every and done % args.eval_every == 0)):
-            row["eval"] = evaluate(drm, pipe, test_set, sigmas_eval, args, rank, world, device, dtype)
+            row["eval"] = evaluate(drm, pipe, test_set, sigmas_eval, args, rank, world, device, dtype,
+                                   prompt_cache)
             print0(f"step {done} held-out accuracy: {row['eval']}", rank=rank)
         if metrics:
             metrics.write(json.dumps(row) + "\n")

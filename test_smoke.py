@@ -137,6 +137,42 @@ def test_encode_prompts_and_images(pipe):
     torch.testing.assert_close(first, (mean - cfg.shift_factor) * cfg.scaling_factor)
 
 
+def test_encode_prompts_cached_matches_and_encodes_each_prompt_once(pipe, seed):
+    """reward_train's prompt cache: the embeddings encode_prompts gives each prompt, every distinct prompt encoded
+    once per batch, at most `size` prompts kept, and the kept ones never encoded again."""
+    rng = random.Random(seed)
+    words = ["red", "blue", "circle", "square", "left", "of", "a", "two"]
+    vocabulary = list({" ".join(rng.choices(words, k=rng.randint(1, 5))) for _ in range(12)})
+    size = rng.randint(1, len(vocabulary) - 1)
+    encoded, original = [], pipe.encode_prompt
+
+    def counting(prompt, **kwargs):
+        encoded.append(list(prompt))
+        return original(prompt=prompt, **kwargs)
+
+    cache, pipe.encode_prompt = {}, counting
+    try:
+        for _ in range(5):
+            prompts = rng.choices(vocabulary, k=rng.randint(2, 9))
+            want_embeds, want_pooled = model.encode_prompts(pipe, prompts, 16)
+            before, calls = dict(cache), len(encoded)
+            embeds, pooled = reward_train.encode_prompts_cached(pipe, prompts, 16, cache, size)
+            new = [p for p in dict.fromkeys(prompts) if p not in before]
+            assert encoded[calls:] == ([new] if new else [])  # one call, for the distinct prompts not kept
+            assert len(cache) == min(size, len(before) + len(new))
+            assert all(cache[p][0] is before[p][0] for p in before)  # kept ones stay as they were
+            torch.testing.assert_close(embeds, want_embeds, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(pooled, want_pooled, atol=1e-5, rtol=1e-5)
+        calls = len(encoded)
+        reward_train.encode_prompts_cached(pipe, list(cache), 16, cache, size)
+        assert len(encoded) == calls  # every prompt kept: no encoder call
+        nothing_kept = {}
+        assert reward_train.encode_prompts_cached(pipe, vocabulary[:3], 16, nothing_kept, 0)[0].shape[0] == 3
+        assert not nothing_kept
+    finally:
+        pipe.encode_prompt = original
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. The authors' layout and an independent computation of the score
 
@@ -658,6 +694,20 @@ def test_train_single_process(reference_run):
     assert model.read_drm_config(str(out / "drm.safetensors"))["mode"] == "lora"
 
 
+def test_train_prompt_cache_and_loader_workers_change_no_result(tiny_dir, pair_files, reference_run, tmp_path):
+    """The reference run again with its prompts' embeddings kept (--prompt-cache) and images loaded by worker
+    processes (training and evaluation): the same losses, held-out accuracies and weights."""
+    out = tmp_path / "cached"
+    rc, log = run(train_command(tiny_dir, pair_files, out, *LORA, "--max-steps", str(REFERENCE_STEPS),
+                                "--prompt-cache", "64", "--num-workers", "2"), out.parent / "log.txt")
+    assert rc == 0, log[-3000:]
+    rows, reference = read_metrics(out), read_metrics(reference_run[0])
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(rows, reference))
+    assert rows[-1]["eval"] == reference[-1]["eval"]
+    assert same_tensors(load_file(out / "drm.safetensors"), load_file(reference_run[0] / "drm.safetensors"), 1e-4)
+
+
 DDP_WRAPPER = """
 import os, runpy, sys
 import torch
@@ -791,6 +841,7 @@ BAD_INPUTS = {
     "missing train data": (lambda t: ["--train-data", str(t / "absent.json")], "absent.json"),
     "bogus backbone": (lambda t: ["--backbone", "bogus"], "--backbone"),
     "zero batch size": (lambda t: ["--batch-size", "0"], "--batch-size"),
+    "negative prompt cache": (lambda t: ["--prompt-cache", "-1"], "--prompt-cache"),
     "missing resume file": (lambda t: ["--resume", str(t / "absent.pt")], "--resume"),
     "resolution not divisible": (lambda t: ["--resolution", "30"], "--resolution"),
 }

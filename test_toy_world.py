@@ -719,8 +719,9 @@ def test_evaluate_scores_every_pair_as_the_drm_does(seed, tmp_path):
 def test_build_makes_pairs_trains_the_drm_and_writes_the_assets(tmp_path):
     """The build's last stages over a copy of the shipped pipeline at smoke budgets (8 train and 8 held-out
     prompts): HPDv3 pair files (own-prompt pairs and, for the train prompts, cross pairs; winner = higher oracle),
-    a LoRA DRM trained by reward_train.py in a subprocess, and OUT/assets: the pipeline and the DRM in fp16, which
-    loads over it. Run as two commands (pairs, then drm and assets): build.json keeps the first one's report."""
+    a LoRA DRM trained by reward_train.py's main in the build's process, and OUT/assets: the pipeline and the DRM
+    in fp16, which loads over it. Run as two commands (pairs, then drm and assets): build.json keeps the first one's
+    report. A flag reward_train refuses stops the build in one line naming the DRM."""
     import json
     import shutil
     import torch
@@ -752,3 +753,5 @@ def test_build_makes_pairs_trains_the_drm_and_writes_the_assets(tmp_path):
     with torch.no_grad():
         score = drm.float()(torch.randn(1, 16, 16, 16), torch.tensor([500.0]), embeds, pooled)
     assert torch.isfinite(score).all()
+    with pytest.raises(SystemExit, match="drm_lora_train_cross: reward_train.py: --lora-rank must be >= 1, got 0"):
+        build.main(build.parse_args([*flags, "--stages", "drm", "--drm-args", "--lora-rank 0"]))

@@ -16,18 +16,20 @@ oracle as an HPDv3 preference set, and a DRM trained on that set by reward_train
 5. DRM: `reward_train.py` on those files (LoRA backbone on the cross pairs by default; --drm-modes compares
    several). OUT/assets then holds what the repo ships: the pipeline and the first DRM in fp16.
 
-The defaults are the recipe of the shipped assets (toy/assets/build.json): 7.7 minutes on one H200 with
-torch.compile's caches empty, 8.1 with Python's start and exit (data and VAE 0.5 min, transformer 17,000 steps at
-batch 256 4.7 with its first compilation, samples and pairs 1.0, DRM 1.4; docs/toy/README.md round 14). That
-schedule teaches the word order of two-object prompts (rounds 10 and 12), and sampled without CFG (--guidance 1) its
-base spreads in quality (held-out 0.60 +- 0.24 under the oracle; round 14). Every stage runs a fixed number of
-steps (the DRM excepted: --drm-minutes), so a slower machine builds the same generator, later.
+The defaults are the recipe of the shipped assets (toy/assets/build.json): 7.9 minutes of wall time on one H200
+machine just started, Python's start (imports ~0.4 min there) and exit included (data and VAE 0.6 min, transformer
+17,000 steps at batch 256 4.9 with its first compilation, samples and pairs 1.0, DRM 0.9, trained by reward_train's
+main in this process; docs/toy/README.md round 15). That schedule teaches the word order of two-object prompts
+(rounds 10 and 12), and sampled without CFG (--guidance 1) its base spreads in quality (held-out 0.61 +- 0.24 under
+the oracle; round 15). Every stage runs a fixed number of steps (the DRM excepted: --drm-minutes), so a slower
+machine builds the same generator, later.
 The transformer stage saves OUT/transformer_checkpoint.pt every --checkpoint-every steps and on SIGTERM; the same
 command with --resume goes on from it (a machine that stops commands at 10 minutes can run any budget that way).
 A command of the later stages only (pairs, drm, assets) adds to the build.json the earlier ones wrote.
 
     python -m toy.build --out runs/toy                     # ~8 min on one H200; CPU works, slowly (or --quick)
-    python -m toy.build --out runs/toy --quick             # a few minutes on CPU: tiny budgets, for testing
+    python -m toy.build --out runs/toy --quick             # a few minutes on CPU: tiny budgets, for testing; it
+                                                           # ends at the DRM (its generator gives no pairs)
     python -m toy.build --out runs/toy --resume            # the same command after a stop: go on from the checkpoint
     python -m toy.build --out runs/toy --stages drm,assets # after a stop in the pairs or the DRM
 """
@@ -37,7 +39,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from multiprocessing import Pool
@@ -52,6 +53,8 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transf
                        StableDiffusion3Pipeline)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel  # noqa: E402
 
+import reward_train  # noqa: E402
+from data import UserError  # noqa: E402
 from tiny_pipeline import tiny_tokenizers  # noqa: E402
 from toy import world  # noqa: E402
 
@@ -72,7 +75,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/toy", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of everything")
-    p.add_argument("--quick", action="store_true", help="tiny budgets (CPU smoke run); the result is not useful")
+    p.add_argument("--quick", action="store_true", help="tiny budgets: a CPU smoke run of the stages up to the "
+                   "pairs (its generator is too short-trained to give DRM pairs)")
     p.add_argument("--num-images", type=int, default=60000, help="training renders")
     p.add_argument("--degraded-fraction", type=float, default=1.0, help="share of renders degraded (strength "
                                                                          "0.4-1): the base model's quality spread")
@@ -119,7 +123,7 @@ def parse_args(argv=None):
                    "samples against a sample of a neighbour prompt (one word changed), both scored under it")
     p.add_argument("--drm-steps", type=int, default=50000, help="DRM training steps (reward_train.py; "
                    "--drm-minutes caps them)")
-    p.add_argument("--drm-minutes", type=float, default=1.0, help="cap on each DRM's training time (0: none)")
+    p.add_argument("--drm-minutes", type=float, default=0.75, help="cap on each DRM's training time (0: none)")
     p.add_argument("--drm-batch-size", type=int, default=128, help="DRM batch size (pairs)")
     p.add_argument("--drm-modes", default="lora@train_cross", help="DRMs to train, comma-separated MODE or MODE@PAIRS "
                    "(PAIRS: train or train_cross, the pairs file under prefs/); the first is shipped")
@@ -691,9 +695,6 @@ def summary(scores):
 
 # ----------------------------------------------------------------------------------------------------------------
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def drm_name(entry):
     mode, _, pairs = entry.partition("@")
     return f"drm_{mode}" + (f"_{pairs}" if pairs and pairs != "train" else "")
@@ -710,18 +711,8 @@ def drm_flags(args, entry, lr):
             "--batch-size", str(args.drm_batch_size), "--max-steps", str(args.drm_steps),
             "--max-minutes", str(args.drm_minutes), "--eval-every", "0", "--save-every", "500",
             "--num-workers", str(min(6, os.cpu_count() or 1)), "--seed", str(args.seed),
-            "--eval-pairs", "3000", "--eval-batch-size", "256",
+            "--eval-pairs", "3000", "--eval-batch-size", "256", "--prompt-cache", "4096",
             "--out", os.path.join(args.out, drm_name(entry)), *args.drm_args.split()]
-
-
-def _finish_drm(job, report):
-    name, out, t0, process = job
-    if process.wait() != 0:
-        raise SystemExit(f"{name}: reward_train.py failed (exit {process.returncode})")
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        last_eval = [r for r in map(json.loads, f) if "eval" in r][-1]
-    report[name] = dict(seconds=round(time.time() - t0, 1), step=last_eval["step"], **last_eval["eval"])
-    print(f"5. {name}: {report[name]}", flush=True)
 
 
 def main(args):
@@ -835,13 +826,20 @@ def main(args):
         lrs = args.drm_lr.split(",")
         if len(lrs) not in (1, len(entries)):
             raise SystemExit(f"--drm-lr: give one learning rate or one per --drm-modes entry ({len(entries)})")
+        pipe = None  # the pairs stage's sampler: its GPU memory goes back before the DRMs train
         for i, entry in enumerate(entries):
-            # The same steps and flags for every DRM; the first entry's DRM is the shipped one.
-            name, out = drm_name(entry), os.path.join(args.out, drm_name(entry))
-            command = [sys.executable, "reward_train.py", *drm_flags(args, entry, lrs[i % len(lrs)])]
-            print("5. " + " ".join(command), flush=True)
-            # One at a time: DRMs trained side by side on one GPU ran ~20x slower (the processes time-share it).
-            _finish_drm((name, out, time.time(), subprocess.Popen(command, cwd=ROOT)), report)
+            # The same steps and flags for every DRM, one after the other; the first entry's DRM is the shipped one.
+            name, flags = drm_name(entry), drm_flags(args, entry, lrs[i % len(lrs)])
+            print("5. python reward_train.py " + " ".join(flags), flush=True)
+            t0 = time.time()
+            try:  # reward_train's main in this process: no second start of Python and its imports (~15 s)
+                reward_train.main(reward_train.parse_args(flags))
+            except UserError as e:
+                raise SystemExit(f"{name}: reward_train.py: {e}") from None
+            with open(os.path.join(args.out, name, "metrics.jsonl")) as f:
+                last_eval = [r for r in map(json.loads, f) if "eval" in r][-1]
+            report[name] = dict(seconds=round(time.time() - t0, 1), step=last_eval["step"], **last_eval["eval"])
+            print(f"5. {name}: {report[name]}", flush=True)
 
     report["seconds"], report["args"] = round(time.time() - t_start, 1), vars(args)
     with open(built, "w") as f:
