@@ -1,4 +1,4 @@
-"""CPU checks of the shipped toy assets (written in round 12, rerun on rounds 13's and 14's), on the tests' fixed
+"""CPU checks of the shipped toy assets (written in round 12, rerun on rounds 13, 14 and 15), on the tests' fixed
 sets, at guidance 1 and 4.5:
 the DRM's accuracy on pairs of base samples (test_shipped_drm_ranks_held_out_pairs_like_the_oracle) and the gain of
 step-wise sampling k = 4 over k = 1 (test_stepwise_sampling_with_the_shipped_drm_beats_plain_sampling, and the same
