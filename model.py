@@ -91,6 +91,21 @@ def encode_prompts(pipe, prompts, max_sequence_length=256):
     return embeds, pooled
 
 
+def encode_prompts_cached(pipe, prompts, max_sequence_length, cache, size):
+    """encode_prompts with each distinct prompt encoded once per batch, and the embeddings of the first `size`
+    distinct prompts seen kept in `cache` (a dict): a data set of few prompts (the toy world's 961) runs the text
+    encoders only on first sight (reward_train.py --prompt-cache). size 0: nothing kept."""
+    new = [p for p in dict.fromkeys(prompts) if p not in cache]
+    fresh = {}
+    if new:
+        embeds, pooled = encode_prompts(pipe, new, max_sequence_length)
+        fresh = {p: (e, q) for p, e, q in zip(new, embeds, pooled)}
+        for p in new[:max(0, size - len(cache))]:
+            cache[p] = (fresh[p][0].clone(), fresh[p][1].clone())  # not views of the batch's tensors
+    pick = [cache[p] if p in cache else fresh[p] for p in prompts]
+    return torch.stack([e for e, _ in pick]), torch.stack([q for _, q in pick])
+
+
 @torch.no_grad()
 def encode_images(vae, pixels):
     """Pixels in [-1, 1] (B, 3, H, W) -> SD3 latents x0. The VAE mean, not a sample: same image, same latent."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import UserError, load_preference_data, make_demo_pairs
-from model import DRM, encode_images, encode_prompts, load_pipeline, save_drm
+from model import DRM, encode_images, encode_prompts_cached, load_pipeline, save_drm
 
 
 @dataclass
@@ -115,21 +115,6 @@ def add_noise(x0, noise, sigma):
 def bt_loss(score_win, score_lose):
     """Bradley-Terry negative log-likelihood that the winner beats the loser."""
     return -F.logsigmoid(score_win - score_lose).mean()
-
-
-def encode_prompts_cached(pipe, prompts, max_sequence_length, cache, size):
-    """encode_prompts with each distinct prompt encoded once per batch, and the embeddings of the first `size`
-    distinct prompts seen kept in `cache` (a dict): a data set of few prompts (the toy world's 961) runs the text
-    encoders only on first sight. size 0: nothing kept."""
-    new = [p for p in dict.fromkeys(prompts) if p not in cache]
-    fresh = {}
-    if new:
-        embeds, pooled = encode_prompts(pipe, new, max_sequence_length)
-        fresh = {p: (e, q) for p, e, q in zip(new, embeds, pooled)}
-        for p in new[:max(0, size - len(cache))]:
-            cache[p] = (fresh[p][0].clone(), fresh[p][1].clone())  # not views of the batch's tensors
-    pick = [cache[p] if p in cache else fresh[p] for p in prompts]
-    return torch.stack([e for e, _ in pick]), torch.stack([q for _, q in pick])
 
 
 def batch_indices(step, micro, rank, world, batch_size, grad_accum, num_pairs, seed):

@@ -138,7 +138,7 @@ def test_encode_prompts_and_images(pipe):
 
 
 def test_encode_prompts_cached_matches_and_encodes_each_prompt_once(pipe, seed):
-    """reward_train's prompt cache: the embeddings encode_prompts gives each prompt, every distinct prompt encoded
+    """The prompt cache (reward_train.py --prompt-cache): the embeddings encode_prompts gives each prompt, every distinct prompt encoded
     once per batch, at most `size` prompts kept, and the kept ones never encoded again."""
     rng = random.Random(seed)
     words = ["red", "blue", "circle", "square", "left", "of", "a", "two"]
@@ -156,7 +156,7 @@ def test_encode_prompts_cached_matches_and_encodes_each_prompt_once(pipe, seed):
             prompts = rng.choices(vocabulary, k=rng.randint(2, 9))
             want_embeds, want_pooled = model.encode_prompts(pipe, prompts, 16)
             before, calls = dict(cache), len(encoded)
-            embeds, pooled = reward_train.encode_prompts_cached(pipe, prompts, 16, cache, size)
+            embeds, pooled = model.encode_prompts_cached(pipe, prompts, 16, cache, size)
             new = [p for p in dict.fromkeys(prompts) if p not in before]
             assert encoded[calls:] == ([new] if new else [])  # one call, for the distinct prompts not kept
             assert len(cache) == min(size, len(before) + len(new))
@@ -164,10 +164,10 @@ def test_encode_prompts_cached_matches_and_encodes_each_prompt_once(pipe, seed):
             torch.testing.assert_close(embeds, want_embeds, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(pooled, want_pooled, atol=1e-5, rtol=1e-5)
         calls = len(encoded)
-        reward_train.encode_prompts_cached(pipe, list(cache), 16, cache, size)
+        model.encode_prompts_cached(pipe, list(cache), 16, cache, size)
         assert len(encoded) == calls  # every prompt kept: no encoder call
         nothing_kept = {}
-        assert reward_train.encode_prompts_cached(pipe, vocabulary[:3], 16, nothing_kept, 0)[0].shape[0] == 3
+        assert model.encode_prompts_cached(pipe, vocabulary[:3], 16, nothing_kept, 0)[0].shape[0] == 3
         assert not nothing_kept
     finally:
         pipe.encode_prompt = original
