@@ -73,12 +73,13 @@ def inference_dtype(path, device):
     return torch.bfloat16
 
 
-def default_sequence_length(pipe):
-    """The T5 length to encode prompts with when nothing says otherwise: the pipeline default (256), or less when
-    the T5 tokenizer's model_max_length is less (the toy pipeline records its training length, 16, there: the
-    length changes the embeddings, so a pipeline must be sampled with the length it learnt)."""
+def default_sequence_length(pipe, cap=256):
+    """The T5 length to encode the generator's prompts with when nothing says otherwise: `cap` (diffusers' pipeline
+    default 256; Flow-GRPO trains with 128), or less when the T5 tokenizer's model_max_length is less (the toy
+    pipeline records its training length, 16, there: the length changes the embeddings, so a pipeline must be
+    sampled with the length it learnt)."""
     tokenizer = getattr(pipe, "tokenizer_3", None)
-    return min(256, tokenizer.model_max_length) if tokenizer is not None else 256
+    return min(cap, tokenizer.model_max_length) if tokenizer is not None else cap
 
 
 @torch.no_grad()
@@ -285,16 +286,18 @@ def score_images(drm, vae, pixels, prompt_embeds, pooled_prompt_embeds):
 # ----------------------------------------------------------------------------------------------------------------
 # The policy's LoRA (step_grpo.py)
 
-def add_lora(transformer, rank, alpha):
-    """Flow-GRPO's LoRA: r=32, alpha=64 on the attention projections (both streams, both attentions)."""
+def add_lora(transformer, rank, alpha, second_attention=False):
+    """Flow-GRPO's LoRA: r=32, alpha=64, gaussian init, on the projections of the first attention `attn` (both
+    streams); second_attention=True also adapts `attn2` of SD3.5's dual-attention blocks."""
     from peft import LoraConfig
     # The last block's context queries only feed its discarded context output: no gradient could reach them
     # (and DDP requires every trained parameter to get one).
     # A regex (peft full-matches it), not exclude_modules: diffusers' loader would warn that nothing was excluded.
     last = len(transformer.transformer_blocks) - 1
     targets = "|".join(t.replace(".", r"\.") for t in LORA_TARGETS)
+    attention = "attn2?" if second_attention else "attn"
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=(
-        rf"(?!transformer_blocks\.{last}\.attn\.add_q_proj$).*\.({targets})")))
+        rf"(?!transformer_blocks\.{last}\.attn\.add_q_proj$).*\.{attention}\.({targets})")))
     for name, param in transformer.named_parameters():
         param.requires_grad_("lora_" in name)
         if "lora_" in name:
@@ -341,12 +344,23 @@ def read_drm_config(path):
     return json.loads(meta["drm_config"]) if "drm_config" in meta else None
 
 
-def load_drm(path, transformer, skip_last_blocks=3):
-    """Load a DRM over the generator's `transformer`.
+AUTHORS_HEADS = {24: 3, 38: 5}  # transformer depth -> m of the authors' heads: "2BConvGN" (Medium), "7BConvGN" (Large)
+AUTHORS_SEQUENCE_LENGTH = 512  # the T5 length the authors train and score with
 
-    Our frozen checkpoints share `transformer` (no copy); lora / full ones and the authors' `model.safetensors`
-    (whose transformer is fine-tuned) get a private copy, so the generator's weights are never overwritten.
-    skip_last_blocks is only read for the authors' layout, whose file does not record it."""
+
+def authors_skip_last_blocks(num_blocks, override=None, path="the DRM file"):
+    """m for an authors' checkpoint, whose file does not record it: named by the model (24 blocks -> 3, 38 -> 5),
+    or the user's --drm-skip-last-blocks."""
+    if override is not None:
+        return override
+    if num_blocks not in AUTHORS_HEADS:
+        raise UserError(f"{path}: an authors' DRM file over a {num_blocks}-block transformer, and their head depth is "
+                        f"known only for SD3.5-Medium (24 blocks, m=3) and Large (38, m=5): pass "
+                        f"--drm-skip-last-blocks M")
+    return AUTHORS_HEADS[num_blocks]
+
+
+def load_drm(path, transformer, skip_last_blocks=None):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such DRM checkpoint file")
     from safetensors.torch import load_file
@@ -354,7 +368,12 @@ def load_drm(path, transformer, skip_last_blocks=3):
     tensors = load_file(path)
     official = config is None
     if official:  # the authors' layout: full-depth fine-tuned transformer + head
-        config = dict(skip_last_blocks=skip_last_blocks, mode="full", train_output_layers=False)
+        m = authors_skip_last_blocks(len(transformer.transformer_blocks), skip_last_blocks, path)
+        config = dict(skip_last_blocks=m, mode="full", train_output_layers=False, official=True,
+                      max_sequence_length=AUTHORS_SEQUENCE_LENGTH)
+    elif skip_last_blocks is not None and skip_last_blocks != config["skip_last_blocks"]:
+        raise UserError(f"{path}: this DRM was trained with m={config['skip_last_blocks']} (skip_last_blocks); "
+                        f"--drm-skip-last-blocks {skip_last_blocks} applies to the authors' files only")
     # A frozen head-only file has no tensor whose shape would betray another base model: compare the configs.
     saved, current = config.get("transformer_config"), transformer_architecture(transformer)
     # Only fields both configs know: another diffusers version may add or drop optional ones.

@@ -1,27 +1,34 @@
-"""Step-wise GRPO with dense DRM rewards (PAPER.md section 3) and terminal Flow-GRPO as the baseline (section 2).
+"""Step-wise GRPO with dense DRM rewards (the paper's section 3) and terminal Flow-GRPO as the baseline.
 
 --mode step (default): per prompt, roll out T SDE steps; at each step draw k candidates from the shared latent
 (one policy forward, k noises), score all k with the DRM at their own timestep 1000 * sigma_next, and normalise
 within the k: A_t^i = (R_i - mean) / (std + eps). The trajectory continues from a random (or the best) candidate.
---mode grpo: G whole SDE trajectories per prompt, one terminal reward (DRM at t = 0 on the final latent), the group-
-normalised advantage broadcast to every step. Both modes share the loss: PPO-clip on exp(logp - logp_old), with
-logp from Flow-GRPO's SDE step, optional KL to the reference policy (the same transformer, LoRA disabled).
-The frozen DRM reads the base weights of the generator's own transformer (adapters disabled while it scores).
+--mode grpo: Flow-GRPO's SD3 recipe by default: G = 24 whole SDE trajectories per prompt, one terminal reward
+(DRM at t = 0 on the final latent), A = (r - prompt mean) / (std of all the step's rewards on all ranks + 1e-4)
+clamped to [-5, 5], the same A at every step. Both modes share the rest: PPO-clip on exp(logp - logp_old) over the
+first int(T * 0.99) = 9 of T = 10 steps, logp from Flow-GRPO's SDE step, the CFG-guided velocity (4.5, the
+unconditional branch detached in the loss), their KL to the reference policy (the same transformer, LoRA off;
+beta 0.01), LoRA r 32 / alpha 64 on the first attention, AdamW 3e-4, an EMA of the LoRA (0.9, every 8 steps) for
+evaluation and the saved file, 128 T5 tokens. The frozen DRM reads the base weights of the generator's own
+transformer (adapters disabled while it scores) and its own T5 length (encoded apart when the policy's differs).
 
-Departures from the paper / Flow-GRPO:
-- Without --cfg-in-loss the policy is the conditional model alone (Flow-GRPO's no-CFG recipe): rollouts, loss and
-  evaluation all run at guidance 1 and --guidance is unused. With it, all three use the guided velocity.
-- --reward oracle (toy world only) decodes latents and scores them with toy.world.score (resized to 64 px). A noisy
+Departures from the paper / Flow-GRPO (README.md has the full table of Flow-GRPO's settings against ours):
+- One optimizer step per rollout batch of --prompts-per-step prompts (Flow-GRPO: 48 prompt groups per epoch, split
+  into gradient-accumulated batches); a prompt's group lives on one rank, and it is normalised by its group's own
+  mean (theirs: by the mean of every sample with the same prompt string, which is the same unless a prompt is drawn
+  twice in one epoch). Samples whose advantage is zero at every step are trained on, not filtered out.
+- The EMA is updated once per optimizer step when (n + 1) % --ema-every == 0 (theirs: once per training batch with
+  the optimizer step's count, the same when one batch makes one step).
+- The last block's context-query LoRA is left out: its output feeds only the discarded context stream (zero
+  gradient, and DDP requires every trained parameter to get one); with B initialised to zero it changes nothing.
+- --reward oracle (toy world only) decodes latents and scores them with the toy oracle (resized to 64 px). A noisy
   candidate (step mode) is scored on its one-step prediction of the clean latent, x - sigma * v, v from the base
   weights (LoRA off, as the frozen DRM reads them): one more transformer forward per candidate, where the DRM would
   run its prefix. The dense-oracle step mode thus isolates the algorithm from the DRM's errors.
-- --continue defaults to random (the paper does not say): on the toy world (k = 4, 3 seeds, 1 minute each) random
-  was ahead of best at 17 of 18 evaluations, final held-out oracle +0.011 +- 0.014 paired (docs/toy/README.md,
-  round 8). The trajectory then stays on the policy's own path, and the dense advantages still rank all k.
+- --continue defaults to random (the paper does not say; docs/RESULTS.md compares it with best). The trajectory then
+  stays on the policy's own path, and the dense advantages still rank all k.
 - No micro-batching: each step's policy forward sees all of the rank's latents at that step, as the rollout did,
   so the kernels and hence the log-probs match (ratio 1 at the first inner epoch). Use fewer prompts per rank.
-- One optimizer step per inner epoch, gradients accumulated over the T recorded steps. --ema keeps an EMA of the
-  LoRA weights (off by default): evaluations and the saved LoRA use it, the checkpoint holds both.
 - Noise comes from one generator per prompt, seeded by --seed, the step and the prompt's place in the step's
   global batch (prompt_generators): runs on 1 or N GPUs at the same --prompts-per-step draw the same samples and
   follow the same curve, and a resume needs no noise state.
@@ -33,10 +40,11 @@ Departures from the paper / Flow-GRPO:
     python step_grpo.py --drm toy/assets/drm.safetensors --out runs/step_grpo
     python step_grpo.py --reward oracle --mode grpo --out runs/grpo_oracle
     torchrun --nproc_per_node=8 step_grpo.py --model /models/sd3.5-medium --drm runs/drm/drm.safetensors \\
-        --prompts prompts.txt --eval-prompts eval.txt --height 512 --width 512 --cfg-in-loss --out runs/step_grpo
+        --prompts prompts.txt --eval-prompts eval.txt --out runs/step_grpo
 """
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -67,27 +75,50 @@ class Args:
     eval_batch_size: int = field(default=8, metadata={"help": "held-out prompts per evaluation batch and rank (the "
                                                               "toy model on a GPU is launch-bound: use 64)"})
     k: int = field(default=4, metadata={"help": "step mode: SDE candidates per step"})
-    group: int = field(default=24, metadata={"help": "grpo mode: trajectories per prompt"})
+    group: int = field(default=24, metadata={"help": "grpo mode: trajectories per prompt (Flow-GRPO: 24)"})
     continue_from: str = field(default="random", metadata={"help": "step mode: continue from a random | the best "
                                                                    "candidate"})
-    steps: int = field(default=10, metadata={"help": "T: denoising steps of a training rollout"})
-    eval_steps: int = field(default=40, metadata={"help": "denoising steps of the evaluation (ODE) samples"})
-    guidance: float = field(default=4.5, metadata={"help": "CFG scale, used only with --cfg-in-loss"})
-    cfg_in_loss: bool = field(default=False, metadata={"help": "the policy is the CFG-guided velocity (Flow-GRPO)"})
-    noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a"})
-    clip_eps: float = field(default=1e-4, metadata={"help": "PPO clip range of the ratio"})
-    adv_eps: float = field(default=1e-4, metadata={"help": "eps in A = (r - mean) / (std + eps)"})
-    kl_beta: float = field(default=0.0, metadata={"help": "weight of the KL to the reference (LoRA-off) policy"})
-    lora_rank: int = field(default=32, metadata={"help": "LoRA rank on the attention projections"})
-    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha"})
-    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
-    ema: float = field(default=0.0, metadata={"help": "EMA decay of the LoRA weights (0: off); evaluations and the "
-                                                      "saved LoRA then use the EMA weights"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    steps: int = field(default=10, metadata={"help": "T: denoising steps of a training rollout (Flow-GRPO: 10)"})
+    eval_steps: int = field(default=40, metadata={"help": "denoising steps of the evaluation (ODE) samples "
+                                                          "(Flow-GRPO: 40)"})
+    guidance: float = field(default=4.5, metadata={"help": "CFG scale of rollouts, loss and evaluation (Flow-GRPO: "
+                                                           "4.5); unused with --no-cfg-in-loss"})
+    cfg_in_loss: bool = field(default=True, metadata={"help": "the policy is the CFG-guided velocity, its "
+                                                              "unconditional branch detached in the loss (Flow-GRPO's "
+                                                              "train.cfg); --no-cfg-in-loss: the conditional model "
+                                                              "alone at guidance 1 everywhere"})
+    noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (Flow-GRPO: 0.7)"})
+    clip_eps: float = field(default=1e-4, metadata={"help": "PPO clip range of the ratio (Flow-GRPO: 1e-4)"})
+    adv_eps: float = field(default=1e-4, metadata={"help": "eps in A = (r - mean) / (std + eps) (Flow-GRPO: 1e-4)"})
+    adv_std: str = field(default="global", metadata={"help": "grpo mode: the std that divides the advantages: global "
+                                                             "= over all rewards of the optimizer step, every rank's "
+                                                             "(Flow-GRPO's sample.global_std); group = within each "
+                                                             "prompt's G. Step mode always normalises within the k"})
+    adv_clip: float = field(default=5.0, metadata={"help": "clamp advantages to [-c, c] (Flow-GRPO's "
+                                                           "train.adv_clip_max: 5); 0: off"})
+    timestep_fraction: float = field(default=0.99, metadata={"help": "train on the first int(T * f) of the T "
+                                                                     "recorded steps (Flow-GRPO: 0.99, 9 of 10)"})
+    kl_beta: float = field(default=0.01, metadata={"help": "weight of Flow-GRPO's KL to the LoRA-off policy: "
+                                                           "mean_CHW((mu - mu_ref)^2) / (2 std_dev_t^2), std_dev_t = "
+                                                           "a sqrt(sigma / (1 - sigma)) without the step's sqrt(-dt), "
+                                                           "i.e. the step's Gaussian KL / |dt| (their configs: 0.01 "
+                                                           "PickScore, 0.04 GenEval); 0: off"})
+    lora_rank: int = field(default=32, metadata={"help": "LoRA rank (Flow-GRPO: 32)"})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (Flow-GRPO: 64)"})
+    lora_attn2: bool = field(default=False, metadata={"help": "also adapt the second attention (attn2) of SD3.5's "
+                                                              "dual-attention blocks (Flow-GRPO: attn only)"})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate (Flow-GRPO: 3e-4)"})
+    ema: float = field(default=0.9, metadata={"help": "EMA decay of the LoRA weights (Flow-GRPO: 0.9, warmed up as "
+                                                      "min((1 + n) / (10 + n), decay)); evaluations and the saved "
+                                                      "LoRA use the EMA weights; 0: off"})
+    ema_every: int = field(default=8, metadata={"help": "update the EMA after every N-th optimizer step (Flow-GRPO: "
+                                                        "8)"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (Flow-GRPO: 1e-4)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (Flow-GRPO: 1.0)"})
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per optimizer step, all ranks together "
-                                                                "(a multiple of the number of ranks)"})
-    inner_epochs: int = field(default=1, metadata={"help": "updates on each rollout batch"})
+                                                               "(a multiple of the number of ranks; Flow-GRPO: 48 "
+                                                               "prompt groups per epoch)"})
+    inner_epochs: int = field(default=1, metadata={"help": "updates on each rollout batch (Flow-GRPO: 1)"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps (rollout + update) to run"})
     max_minutes: float = field(default=0.0, metadata={"help": "stop (evaluate, save) once training (rollouts and "
                                                               "updates; not evaluations) has run this long (0: no "
@@ -98,37 +129,70 @@ class Args:
                                                                  "metrics.jsonl"})
     resume: str = field(default="", metadata={"help": "'latest' (OUT/checkpoint.pt, if any) or a checkpoint path"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    height: int = field(default=0, metadata={"help": "image height (0: the pipeline's default size)"})
-    width: int = field(default=0, metadata={"help": "image width (0: the pipeline's default size)"})
-    max_sequence_length: int = field(default=0, metadata={"help": "T5 tokens (0: the DRM's, else 16 for the toy "
-                                                                   "pipeline, else 256)"})
+    height: int = field(default=0, metadata={"help": "image height (0: Flow-GRPO's 512, or the pipeline's default "
+                                                     "size when smaller)"})
+    width: int = field(default=0, metadata={"help": "image width (0: as --height)"})
+    max_sequence_length: int = field(default=0, metadata={"help": "T5 tokens of the policy's prompts (0: "
+                                                                  "Flow-GRPO's 128, or the pipeline's own when "
+                                                                  "shorter: 16 for the toy); the DRM always reads "
+                                                                  "its own training length"})
+    drm_skip_last_blocks: int = field(default=-1, metadata={"help": "m of an authors' DRM file (-1: 3 over 24 "
+                                                                    "blocks, 5 over 38; our files record it)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute transformer blocks in backward"})
+
+
+CHOICES = dict(reward=("drm", "oracle"), mode=("step", "grpo"), continue_from=("random", "best"),
+               adv_std=("global", "group"))
 
 
 def parse_args(argv=None):
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Args):
         flag = "--" + ("continue" if f.name == "continue_from" else f.name.replace("_", "-"))
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"],
                                 dest=f.name)
         else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"], dest=f.name)
+            parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"], dest=f.name,
+                                choices=CHOICES.get(f.name))
     return Args(**vars(parser.parse_args(argv)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The math
 
-def step_advantages(rewards, eps=1e-4):
-    """Step-GRPO's local advantage: rewards (P, k) of the k candidates of one step -> (R - mean) / (std + eps)."""
+def normalise_in_groups(rewards, eps=1e-4):
+    """(R - mean) / (std + eps) within each row of rewards (P, n): the k candidates of one step's shared latent
+    (Step-GRPO's A_t^i) or, with --adv-std group, a prompt's G terminal rewards. Population std, as numpy's."""
     return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True, unbiased=False) + eps)
 
 
-def group_advantages(rewards, eps=1e-4):
-    """Flow-GRPO's advantage: terminal rewards (P, G) of a prompt's G trajectories, normalised within the group."""
-    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True, unbiased=False) + eps)
+def normalise_by_global_std(rewards, all_rewards, eps=1e-4):
+    """Flow-GRPO's advantage (sample.global_std): rewards (P, G) of this rank's prompts minus each prompt's mean,
+    divided by the std of all_rewards, every rank's rewards of the optimizer step (population std, + eps)."""
+    return (rewards - rewards.mean(1, keepdim=True)) / (all_rewards.std(unbiased=False) + eps)
+
+
+def clip_advantages(adv, clip):
+    """Clamp to [-clip, clip] (Flow-GRPO's adv_clip_max); 0: unclamped. Within-k normalised advantages never exceed
+    sqrt(k - 1) in size, so in step mode the clamp binds only for k > 26."""
+    return adv.clamp(-clip, clip) if clip > 0 else adv
+
+
+def flow_grpo_kl(mean, mean_ref, sigma, sigma_next, noise_level):
+    """Flow-GRPO's KL term of one step: mean over rows of mean_CHW((mu - mu_ref)^2) / (2 std_dev_t^2), std_dev_t =
+    a sqrt(sigma / (1 - sigma)) (sigma_next in the denominator at sigma = 1) without the step's sqrt(-dt) factor:
+    the exact Gaussian KL of the step divided by |dt|, so their beta means the same here."""
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    std_dev_t = noise_level * math.sqrt(sigma / (1 - (sigma_next if sigma == 1 else sigma)))
+    return ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))).mean() / (2 * std_dev_t ** 2)
+
+
+def ema_decay(step, decay):
+    """Flow-GRPO's EMA decay after optimizer step `step`: warmed up as min((1 + step) / (10 + step), decay)."""
+    return min((1 + step) / (10 + step), decay)
 
 
 def ppo_clip_loss(logp, logp_old, adv, clip_eps):
@@ -211,6 +275,14 @@ def policy_embeddings(pos, pos_pooled, neg, neg_pooled, repeats, cfg):
     return rep(pos), rep(pos_pooled)
 
 
+def reward_embeddings(prompts, pos, pos_pooled, ctx):
+    """Prompt embeddings for the reward: the policy's own when the DRM reads the same T5 length (and always for the
+    oracle's clean prediction, made by the policy's base weights), else encoded again at the DRM's length."""
+    if ctx["args"].reward == "oracle" or ctx["drm_length"] == ctx["length"]:
+        return pos, pos_pooled
+    return ctx["encode_for_drm"](prompts)
+
+
 @torch.no_grad()
 def rollout(prompts, ctx, generators):
     """Sample with the current policy and record every step. Returns (records, the policy's embeddings, log): a
@@ -224,6 +296,7 @@ def rollout(prompts, ctx, generators):
     p, guidance = len(prompts), args.guidance if args.cfg_in_loss else 1.0
     pos, neg, pos_pooled, neg_pooled = ctx["encode"](prompts)
     embeds, pooled = policy_embeddings(pos, pos_pooled, neg, neg_pooled, per_prompt, args.cfg_in_loss)
+    r_pos, r_pooled = reward_embeddings(prompts, pos, pos_pooled, ctx)  # (P, ...): what the reward reads
     b = p * per_prompt  # shared latents: one per prompt (step) or one per trajectory (grpo), grouped by prompt
     x = per_prompt_randn(generators, per_prompt, ctx["latent_shape"], device)  # x_T (B, C, h, w)
     rows, records, log = torch.arange(b, device=device), [], {}
@@ -241,8 +314,9 @@ def rollout(prompts, ctx, generators):
             continue
         # 2. Score all k candidates at their timestep; 3. local advantages within the k.
         rewards = rewards_of(candidates, 1000 * sigma_next, [q for q in prompts for _ in range(k)],
-                             pos.repeat_interleave(k, 0), pos_pooled.repeat_interleave(k, 0), ctx).view(b, k)
-        records[-1]["adv"] = step_advantages(rewards, args.adv_eps).flatten()  # (B * k,)
+                             r_pos.repeat_interleave(k, 0), r_pooled.repeat_interleave(k, 0), ctx).view(b, k)
+        adv = clip_advantages(normalise_in_groups(rewards, args.adv_eps), args.adv_clip)  # (B, k)
+        records[-1]["adv"] = adv.flatten()  # (B * k,)
         if args.continue_from == "best":
             choice = rewards.argmax(1)
         else:
@@ -250,34 +324,66 @@ def rollout(prompts, ctx, generators):
         x = candidates.view(b, k, *x.shape[1:])[rows, choice]  # (B, C, h, w)
         log["reward"], log["reward_chosen"] = float(rewards.mean()), float(rewards[rows, choice].mean())  # last wins
     if not step_mode:
-        # 2. Terminal reward of each trajectory; 3. group advantages, the same at every step.
-        rewards = rewards_of(x, 0.0, [q for q in prompts for _ in range(per_prompt)], pos.repeat_interleave(
-            per_prompt, 0), pos_pooled.repeat_interleave(per_prompt, 0), ctx).view(p, per_prompt)  # (P, G)
-        adv = group_advantages(rewards, args.adv_eps).flatten()  # (P * G,)
+        # 2. Terminal reward of each trajectory; 3. advantages (Flow-GRPO: the std of every rank's rewards), the
+        # same at every step.
+        rewards = rewards_of(x, 0.0, [q for q in prompts for _ in range(per_prompt)], r_pos.repeat_interleave(
+            per_prompt, 0), r_pooled.repeat_interleave(per_prompt, 0), ctx).view(p, per_prompt)  # (P, G)
+        if args.adv_std == "global":
+            adv = normalise_by_global_std(rewards, gather_all(rewards, ctx["world"]), args.adv_eps)
+        else:
+            adv = normalise_in_groups(rewards, args.adv_eps)
+        adv = clip_advantages(adv, args.adv_clip).flatten()  # (P * G,)
         for record in records:
             record["adv"] = adv
         log["reward"] = log["reward_chosen"] = float(rewards.mean())
     return records, (embeds, pooled), log
 
 
+def gather_all(values, world):
+    """Every rank's `values` (same shape on each), concatenated along dim 0: (world * P, ...)."""
+    if world == 1:
+        return values
+    gathered = [torch.empty_like(values) for _ in range(world)]
+    dist.all_gather(gathered, values.contiguous())
+    return torch.cat(gathered)
+
+
 def policy_loss(model, record, embeds, pooled, ctx):
-    """PPO-clip loss of one recorded step (+ beta * KL to the LoRA-off policy): ONE policy forward at the shared
-    latents gives the mean of all k candidates' log-probs."""
+    """PPO-clip loss of one recorded step (+ beta * Flow-GRPO's KL to the LoRA-off policy): ONE policy forward at
+    the shared latents gives the mean of all k candidates' log-probs. With CFG the unconditional branch is
+    detached, as in Flow-GRPO's loss: the gradient flows through the conditional velocity only."""
     args, dtype = ctx["args"], ctx["dtype"]
     guidance = args.guidance if args.cfg_in_loss else 1.0
     x, sigma, sigma_next, k = record["x"], record["sigma"], record["sigma_next"], record["k"]
     with ctx["autocast"]():
-        v = velocity(model, x.to(dtype), 1000 * sigma, embeds, pooled, guidance).float()  # (B, C, h, w)
-    logp, mean, std = candidate_log_probs(v, x, sigma, sigma_next, args.noise_level, record["x_next"], k)
+        v = velocity(model, x.to(dtype), 1000 * sigma, embeds, pooled, guidance, detach_uncond=True).float()
+    logp, mean, _ = candidate_log_probs(v, x, sigma, sigma_next, args.noise_level, record["x_next"], k)
     loss, ratio_dev, clip_frac = ppo_clip_loss(logp, record["logp"], record["adv"], args.clip_eps)
     kl = torch.zeros((), device=x.device)
     if args.kl_beta > 0:
         with torch.no_grad(), base_weights(ctx["transformer"]), ctx["autocast"]():
             v_ref = velocity(ctx["transformer"], x.to(dtype), 1000 * sigma, embeds, pooled, guidance).float()
         _, mean_ref, _ = candidate_log_probs(v_ref, x, sigma, sigma_next, args.noise_level, record["x_next"], k)
-        kl = ((mean - mean_ref) ** 2 / (2 * std ** 2)).mean()
+        kl = flow_grpo_kl(mean, mean_ref, sigma, sigma_next, args.noise_level)
         loss = loss + args.kl_beta * kl
     return loss, dict(ratio_dev=ratio_dev, clip_frac=clip_frac, kl=kl.detach())
+
+
+def accumulate_gradients(model, records, embeds, pooled, ctx):
+    """Backward of the update's loss: the mean over the first int(T * --timestep-fraction) recorded steps of each
+    step's policy_loss (Flow-GRPO trains 9 of 10). DDP all-reduces the gradients once, on the last of them.
+    Returns the loss terms averaged over those steps."""
+    trained = records[:int(len(records) * ctx["args"].timestep_fraction)]
+    stats = dict(loss=0.0, ratio_dev=0.0, clip_frac=0.0, kl=0.0)
+    for i, record in enumerate(trained):
+        last = i == len(trained) - 1
+        with model.no_sync() if ctx["world"] > 1 and not last else contextlib.nullcontext():
+            loss, extra = policy_loss(model, record, embeds, pooled, ctx)
+            (loss / len(trained)).backward()
+        stats["loss"] += loss.item() / len(trained)
+        for name, value in extra.items():
+            stats[name] += float(value) / len(trained)
+    return stats
 
 
 @torch.no_grad()
@@ -301,8 +407,7 @@ def evaluate(prompts, ctx, rank, world, step):
         latents = latents.float()
         drm = oracle = [None] * len(batch)
         if ctx["drm"] is not None:
-            pos, _, pos_pooled, _ = ctx["encode"](batch)
-            drm = drm_scores(latents, 0.0, pos, pos_pooled, ctx)
+            drm = drm_scores(latents, 0.0, *ctx["encode_for_drm"](batch), ctx)
             sums[0] += drm.sum()
         if ctx["toy"]:
             oracle = oracle_scores(pipe.vae, latents, batch)
@@ -363,8 +468,7 @@ def shard_prompts(step, rank, world, prompts, per_step, seed):
 
 
 def check_args(args, world):
-    choices = dict(reward=("drm", "oracle"), mode=("step", "grpo"), continue_from=("best", "random"))
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():  # argparse checks them too; Args built in code are checked here
         if getattr(args, name) not in allowed:
             flag = "continue" if name == "continue_from" else name
             raise UserError(f"--{flag} {getattr(args, name)}: choose one of {', '.join(allowed)}")
@@ -380,10 +484,15 @@ def check_args(args, world):
         raise UserError(f"--noise-level {args.noise_level}: must be > 0 (the policy's log-probs need SDE noise)")
     if not 0 <= args.ema < 1:
         raise UserError(f"--ema {args.ema}: the EMA decay must lie in [0, 1) (0: off; Flow-GRPO's is 0.9)")
+    if not 0 < args.timestep_fraction <= 1 or int(args.steps * args.timestep_fraction) < 1:
+        raise UserError(f"--timestep-fraction {args.timestep_fraction}: must lie in (0, 1] and leave int(--steps * "
+                        f"fraction) >= 1 trained steps (--steps {args.steps})")
+    if args.adv_clip < 0 or args.kl_beta < 0:
+        raise UserError(f"--adv-clip {args.adv_clip} / --kl-beta {args.kl_beta}: must be >= 0 (0: off)")
     if args.lora_rank <= 0 or args.lora_alpha <= 0:
         raise UserError(f"--lora-rank {args.lora_rank} / --lora-alpha {args.lora_alpha} must be > 0")
     for name in ("steps", "eval_steps", "eval_batch_size", "inner_epochs", "save_every", "max_steps",
-                 "prompts_per_step"):
+                 "prompts_per_step", "ema_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.prompts_per_step % world:
@@ -432,14 +541,16 @@ def main(args):
     for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if part is not None:
             part.requires_grad_(False)
-    drm, config = load_drm(args.drm, transformer) if args.drm else (None, {})
-    length = args.max_sequence_length or config.get("max_sequence_length", default_sequence_length(pipe))
+    drm, config = load_drm(args.drm, transformer, None if args.drm_skip_last_blocks < 0 else
+                           args.drm_skip_last_blocks) if args.drm else (None, {})
+    length = args.max_sequence_length or default_sequence_length(pipe, cap=128)  # the policy's T5 length
+    drm_length = config.get("max_sequence_length", length)  # the DRM reads the length it was trained with
     multiple = pipe.vae_scale_factor * transformer.config.patch_size
-    default_size = pipe.default_sample_size * pipe.vae_scale_factor
+    default_size = min(512, pipe.default_sample_size * pipe.vae_scale_factor)  # Flow-GRPO trains at 512 px
     height, width = args.height or default_size, args.width or default_size
     if height % multiple or width % multiple:
         raise UserError(f"--height {height} / --width {width} must be divisible by {multiple} for {args.model}")
-    trainable = add_lora(transformer, args.lora_rank, args.lora_alpha)
+    trainable = add_lora(transformer, args.lora_rank, args.lora_alpha, second_attention=args.lora_attn2)
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     print0(f"policy LoRA r={args.lora_rank} alpha={args.lora_alpha}: {sum(p.numel() for p in trainable) / 1e6:.2f}M "
@@ -454,8 +565,14 @@ def main(args):
         return pipe.encode_prompt(prompt=list(batch), prompt_2=None, prompt_3=None, device=device,
                                   do_classifier_free_guidance=args.cfg_in_loss, max_sequence_length=length)
 
+    def encode_for_drm(batch):  # -> positive, positive pooled at the DRM's own T5 length
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=list(batch), prompt_2=None, prompt_3=None, device=device,
+                                                  do_classifier_free_guidance=False, max_sequence_length=drm_length)
+        return embeds, pooled
+
     # The training schedule, kept apart: evaluation re-sets the pipeline's scheduler to --eval-steps.
     ctx = dict(args=args, pipe=pipe, transformer=transformer, drm=drm, dtype=dtype, device=device, encode=encode,
+               encode_for_drm=encode_for_drm, drm_length=drm_length, world=world,
                sigmas=pipe.scheduler.sigmas.float().clone().to(device), height=height, width=width, length=length,
                latent_shape=(transformer.config.in_channels, height // pipe.vae_scale_factor,
                              width // pipe.vae_scale_factor), toy=is_toy(eval_prompts),
@@ -468,10 +585,13 @@ def main(args):
     resume_path = checkpoint_path if args.resume == "latest" else args.resume
     if resume_path and os.path.isfile(resume_path):
         checkpoint = torch.load(resume_path, map_location=device, weights_only=False)
-        for name in ("mode", "lora_rank", "lora_alpha", "cfg_in_loss"):
-            if checkpoint["args"][name] != getattr(args, name):
-                raise UserError(f"--resume {resume_path}: the checkpoint has --{name.replace('_', '-')} "
-                                f"{checkpoint['args'][name]}, this run has {getattr(args, name)}")
+        for name, older in (("mode", None), ("lora_rank", None), ("lora_alpha", None), ("cfg_in_loss", None),
+                            ("lora_attn2", True)):  # older: what a checkpoint without the field was made with
+            saved = checkpoint["args"].get(name, older)
+            if saved != getattr(args, name):
+                flag = name.replace("_", "-")
+                raise UserError(f"--resume {resume_path}: the checkpoint was made with --{flag} {saved}, this run "
+                                f"has {getattr(args, name)}")
         set_peft_model_state_dict(transformer, checkpoint["lora"])
         if ema is not None:
             if checkpoint.get("ema") is None:
@@ -527,21 +647,14 @@ def main(args):
         # 1-3. Sample with the current policy, score, advantages (per step, or terminal broadcast to all steps).
         generators = prompt_generators(args.seed, step, rank * len(batch), len(batch), device)
         records, (embeds, pooled), log = rollout(batch, ctx, generators)
-        # 4. Update: PPO-clip over every recorded step, one optimizer step per inner epoch.
+        # 4. Update: PPO-clip over the first int(T * fraction) recorded steps, one optimizer step per inner epoch.
         for epoch in range(args.inner_epochs):
-            stats = dict(loss=0.0, ratio_dev=0.0, clip_frac=0.0, kl=0.0)
-            for i, record in enumerate(records):
-                last = i == len(records) - 1
-                with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
-                    loss, extra = policy_loss(model, record, embeds, pooled, ctx)
-                    (loss / len(records)).backward()
-                stats["loss"] += loss.item() / len(records)
-                for name, value in extra.items():
-                    stats[name] += float(value) / len(records)
+            stats = accumulate_gradients(model, records, embeds, pooled, ctx)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
             optimizer.step()
-            if ema is not None:
-                ema_update(ema, trainable, args.ema)
+            optimizer_steps = step * args.inner_epochs + epoch + 1
+            if ema is not None and (optimizer_steps + 1) % args.ema_every == 0:  # Flow-GRPO's schedule
+                ema_update(ema, trainable, ema_decay(optimizer_steps, args.ema))
             optimizer.zero_grad(set_to_none=True)
             if epoch == 0:  # logged: the on-policy check needs the first epoch's ratio (it must be 1)
                 first = stats

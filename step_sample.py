@@ -54,8 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--best-of-n", type=int, default=0, help="baseline: N plain trajectories, keep the DRM's best")
     p.add_argument("--height", type=int, default=0, help="image height (0: the pipeline's default size)")
     p.add_argument("--width", type=int, default=0, help="image width (0: the pipeline's default size)")
-    p.add_argument("--max-sequence-length", type=int, default=0, help="T5 tokens (0: the DRM's, else the "
-                                                                      "pipeline's, at most 256)")
+    p.add_argument("--max-sequence-length", type=int, default=0, help="T5 tokens of the generator's prompts (0: the "
+                   "pipeline's, at most 256); the DRM always reads the length it was trained with (recorded in our "
+                   "files; 512 for the authors')")
+    p.add_argument("--drm-skip-last-blocks", type=int, default=None, help="m of an authors' DRM file (default: 3 "
+                   "over 24 blocks, 5 over 38; our files record it)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch")
     p.add_argument("--no-reuse", action="store_true", help="do not reuse the DRM's prefix activations")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (generator and "
@@ -86,9 +89,10 @@ def sde_candidates(v, x, sigma, sigma_next, noise_level, eps):
     return mean.repeat_interleave(k, 0) + std.repeat_interleave(k, 0) * eps
 
 
-def velocity(transformer, x, t, embeds, pooled, guidance, cached=None, first_block=0):
+def velocity(transformer, x, t, embeds, pooled, guidance, cached=None, first_block=0, detach_uncond=False):
     """Classifier-free-guided velocity. embeds/pooled hold [negative; positive] (2B, ...) when guidance > 1.
-    `cached` = (hidden, temb, context) of the positive branch after `first_block` blocks, reused when given."""
+    `cached` = (hidden, temb, context) of the positive branch after `first_block` blocks, reused when given.
+    detach_uncond: no gradient through the unconditional branch (Flow-GRPO's loss with CFG)."""
     b, h, w = len(x), *x.shape[-2:]
     timestep = t.expand(b)
     if guidance <= 1:
@@ -104,6 +108,8 @@ def velocity(transformer, x, t, embeds, pooled, guidance, cached=None, first_blo
         v_uncond = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds[:b],
                                pooled_projections=pooled[:b], return_dict=False)[0]
         v_cond = transformer_suffix(transformer, cached[0], cached[2], cached[1], first_block, h, w)
+    if detach_uncond:
+        v_uncond = v_uncond.detach()
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
@@ -117,10 +123,13 @@ def predicted_clean(transformer, x, sigma, embeds, pooled):
 
 @torch.no_grad()
 def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_level=0.7, height=512, width=512,
-                branch_steps=None, max_sequence_length=256, reuse=True, return_latents=False, oracle=False):
+                branch_steps=None, max_sequence_length=256, reuse=True, return_latents=False, oracle=False,
+                drm_sequence_length=None):
     """Images (B, 3, H, W) in [-1, 1] and, per image, the chosen DRM score at each branching step (and the final
     latents, with return_latents). oracle=True: the toy oracle on the candidates' predicted clean images chooses
-    instead of the DRM (drm may be None)."""
+    instead of the DRM (drm may be None). The generator's prompts are encoded with max_sequence_length T5 tokens,
+    the DRM's with drm_sequence_length (None: the same); when they differ the DRM's prefix activations cannot stand
+    in for the generator's, and are not reused."""
     device, dtype, transformer = pipe.transformer.device, pipe.transformer.dtype, pipe.transformer
     b, cfg = len(prompts), guidance > 1
     # 1. Prompt embeddings ([negative; positive] with CFG) and the initial latents, drawn as the pipeline draws them.
@@ -128,13 +137,17 @@ def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_le
         prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=cfg,
         max_sequence_length=max_sequence_length)
     embeds, pooled = (torch.cat([neg, pos]), torch.cat([neg_pooled, pos_pooled])) if cfg else (pos, pos_pooled)
+    own_length = drm_sequence_length in (None, max_sequence_length)
+    drm_pos, drm_pooled = (pos, pos_pooled) if own_length or drm is None else \
+        encode_prompts(pipe, prompts, drm_sequence_length)  # the DRM reads the length it was trained with
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     x = pipe.prepare_latents(b, transformer.config.in_channels, height, width, dtype, device, generators).float()
     noise_generators = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]
     pipe.scheduler.set_timesteps(steps, device=device)
     sigmas = pipe.scheduler.sigmas.float()  # (steps + 1,), from 1 to 0
     start, end = branch_steps or (0, steps)
-    can_reuse = reuse and not oracle and drm is not None and drm.mode == "frozen" and drm.transformer is transformer
+    can_reuse = reuse and own_length and not oracle and drm is not None and drm.mode == "frozen" and \
+        drm.transformer is transformer
     cached, history = None, [[] for _ in range(b)]
 
     for i in range(steps):
@@ -151,13 +164,14 @@ def step_sample(pipe, drm, prompts, seeds, k=4, steps=50, guidance=4.5, noise_le
             x = candidates
             continue
         # 4. One batched DRM forward over all B * k candidates at their own timestep; keep the argmax per latent.
-        c_embeds, c_pooled = pos.repeat_interleave(k, 0), pos_pooled.repeat_interleave(k, 0)
         if oracle:
+            c_embeds, c_pooled = pos.repeat_interleave(k, 0), pos_pooled.repeat_interleave(k, 0)
             clean = predicted_clean(transformer, candidates.to(dtype), sigma_next, c_embeds, c_pooled)
             scores = score_tensor(decode_latents(pipe.vae, clean), [q for q in prompts for _ in range(k)])
             scores = scores.view(b, k)  # (B, k)
         else:
             t_next = (1000 * sigma_next).expand(b * k)  # the same float the next step's forward is given
+            c_embeds, c_pooled = drm_pos.repeat_interleave(k, 0), drm_pooled.repeat_interleave(k, 0)
             hidden, temb, context = drm.prefix(candidates.to(dtype), t_next, c_embeds, c_pooled, return_context=True)
             scores = drm.score_prefix(hidden, temb, *x.shape[-2:]).view(b, k)  # (B, k)
         x, best_scores = select_best(candidates.view(b, k, *x.shape[1:]), scores)
@@ -182,7 +196,8 @@ BEST_OF_N_SEED_STRIDE = 7919  # best-of-N: trial i of the job with seed s starts
 
 
 @torch.no_grad()
-def best_of_n(pipe, drm, prompts, seeds, n, max_sequence_length=256, oracle=False, **sampling):
+def best_of_n(pipe, drm, prompts, seeds, n, max_sequence_length=256, oracle=False, drm_sequence_length=None,
+              **sampling):
     """The baseline: n plain trajectories (k = 1) per job, trial i from seed + 7919 i; keep the image the DRM (the
     toy oracle, with oracle=True) scores highest at t = 0 (the earlier one on a tie). -> images (B, 3, H, W),
     scores [B], per-step histories [B]."""
@@ -190,8 +205,8 @@ def best_of_n(pipe, drm, prompts, seeds, n, max_sequence_length=256, oracle=Fals
     for trial in range(n):
         trial_seeds = [s + BEST_OF_N_SEED_STRIDE * trial for s in seeds]
         images, history = step_sample(pipe, drm, prompts, trial_seeds, k=1, max_sequence_length=max_sequence_length,
-                                      **sampling)
-        scores = final_scores(drm, pipe, prompts, images, max_sequence_length, oracle)
+                                      drm_sequence_length=drm_sequence_length, **sampling)
+        scores = final_scores(drm, pipe, prompts, images, drm_sequence_length or max_sequence_length, oracle)
         if best_images is None:
             best_images, best_scores, best_history = images.clone(), list(scores), list(history)
             continue
@@ -264,10 +279,15 @@ def main(args):
     if oracle and problem:
         raise UserError(f"--scorer oracle scores toy-world prompts only: {problem}")
     toy = problem is None
-    drm, config = load_drm(args.drm, pipe.transformer) if args.drm and not oracle else (None, {})
+    drm, config = load_drm(args.drm, pipe.transformer, args.drm_skip_last_blocks) if args.drm and not oracle \
+        else (None, {})
     if args.compile:
         compile_blocks(pipe.transformer)
-    length = args.max_sequence_length or config.get("max_sequence_length", default_sequence_length(pipe))
+    length = args.max_sequence_length or default_sequence_length(pipe)
+    drm_length = config.get("max_sequence_length", length)  # the DRM reads its own training length
+    if drm is not None and drm_length != length and not args.no_reuse and drm.mode == "frozen":
+        print(f"the DRM reads {drm_length} T5 tokens, the generator {length}: its prefix activations are not reused "
+              f"(--max-sequence-length {drm_length} keeps the reuse)")
     branch = tuple(int(v) for v in args.branch_steps.split(":")) if args.branch_steps else None
     os.makedirs(args.out, exist_ok=True)
 
@@ -278,7 +298,7 @@ def main(args):
     runs = [("k", chosen)] + ([("k1", "k=1")] if with_grid else [])
     sampling = dict(steps=args.steps, guidance=args.guidance, noise_level=args.noise_level, height=height,
                     width=width, branch_steps=branch, max_sequence_length=length, reuse=not args.no_reuse,
-                    oracle=oracle)
+                    oracle=oracle, drm_sequence_length=drm_length)
     results, grid, totals = [], {}, {name: [] for name, _ in runs}
     for name, label in runs:
         for start in tqdm(range(0, len(jobs), args.batch_size), desc=label):
@@ -289,7 +309,7 @@ def main(args):
             else:
                 images, history = step_sample(pipe, drm, batch_prompts, seeds, args.k if name == "k" else 1,
                                               **sampling)
-                scores = final_scores(drm, pipe, batch_prompts, images, length, oracle) if drm or oracle \
+                scores = final_scores(drm, pipe, batch_prompts, images, drm_length, oracle) if drm or oracle \
                     else [None] * len(batch)
             truth = score_tensor(images, batch_prompts).tolist() if toy and not oracle else [None] * len(batch)
             for row, (prompt, seed) in enumerate(batch):

@@ -23,7 +23,7 @@ from tiny_pipeline import TINY_TRANSFORMER, build_tiny_pipeline, save_tiny_pipel
 REPO = os.path.dirname(os.path.abspath(__file__))
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
 RUN = ["--height", "32", "--width", "32", "--steps", "3", "--max-sequence-length", "16", "--prompts-per-step", "2",
-       "--eval-num", "1", "--eval-steps", "2", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2"]
+       "--eval-num", "1", "--eval-steps", "2", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--ema", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def metrics(out, base=False):
 # ----------------------------------------------------------------------------------------------------------------
 # The math
 
-@pytest.mark.parametrize("advantages", [step_grpo.step_advantages, step_grpo.group_advantages])
-def test_advantages(advantages):
+def test_advantages_within_groups():
+    advantages = step_grpo.normalise_in_groups
     assert torch.equal(advantages(torch.full((3, 4), 2.5)), torch.zeros(3, 4))  # equal rewards: no preference
     rewards = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.5, -0.5, 0.0, 0.0]])
     adv = advantages(rewards)
@@ -72,6 +72,23 @@ def test_advantages(advantages):
     torch.testing.assert_close(adv.std(1, unbiased=False), torch.ones(2), atol=1e-3, rtol=0)
     expected = (torch.tensor([1.0, 3.0]) - 2.0) / (1.0 + 1e-4)  # population std of (1, 3) is 1
     torch.testing.assert_close(advantages(torch.tensor([[1.0, 3.0]]))[0], expected)
+
+
+def test_global_std_advantages_and_clamp():
+    """Flow-GRPO's advantage: each prompt's own mean, the std of every rank's rewards of the step (numpy's
+    population std), then the clamp. An outlier in one group makes |A| > 5, where the clamp binds."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
+    mine, other = torch.randn(2, 24, generator=g), torch.randn(3, 24, generator=g)  # this rank's, another rank's
+    mine[0, 5] = 40.0
+    everything = torch.cat([mine, other])
+    adv = step_grpo.normalise_by_global_std(mine, everything, eps=1e-4)
+    numbers = everything.double().numpy()
+    expected = (mine.double().numpy() - mine.double().numpy().mean(1, keepdims=True)) / (numbers.std() + 1e-4)
+    np.testing.assert_allclose(adv.double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert adv.abs().max() > 5  # the outlier
+    clipped = step_grpo.clip_advantages(adv, 5.0)
+    assert clipped.abs().max() == 5.0 and torch.equal(clipped[adv.abs() < 5], adv[adv.abs() < 5])
+    assert torch.equal(step_grpo.clip_advantages(adv, 0.0), adv)  # 0: off
 
 
 def test_ppo_clip_loss_by_hand():
@@ -632,3 +649,105 @@ def test_compare_grpo_end_to_end(tiny_dir, drm_file, tmp_path):
     other = subprocess.run([*command, "--minutes", "0.03"], cwd=REPO, env=ENV, capture_output=True, text=True,
                            timeout=60)  # another budget in the same --out would mix two experiments
     assert other.returncode == 2 and "step_k2_best_s0 was run with other flags" in other.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flow-GRPO's SD3 recipe, written out independently
+
+def flow_grpo_gradient(transformer, pipe, prompts, records, rewards, group, guidance, beta, noise_level=0.7):
+    """The gradient of Flow-GRPO's loss on one rollout, from their formulas alone (docs: the reference's recipe):
+    A = clamp((r - prompt mean) / (std of all rewards + 1e-4), -5, 5); the first int(T * 0.99) steps; the velocity
+    v_u.detach() + w (v_c - v_u); the SDE step's mean and Gaussian log-density; PPO-clip (1e-4) on exp(logp -
+    logp_old); KL = mean_CHW((mu - mu_ref)^2) / (2 (a sqrt(sigma / (1 - sigma)))^2), sigma_next in the denominator at
+    sigma = 1; the loss averaged over the trained steps."""
+    r = rewards.double().view(-1, group)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.flatten().std(unbiased=False) + 1e-4)).clamp(-5, 5).flatten().float()
+    pos, neg, pos_pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                          do_classifier_free_guidance=True, max_sequence_length=16)
+    rep = lambda t: t.repeat_interleave(group, 0)  # noqa: E731
+    embeds, pooled = torch.cat([rep(neg), rep(pos)]), torch.cat([rep(neg_pooled), rep(pos_pooled)])
+    trained = records[:int(len(records) * 0.99)]
+    params = [p for p in transformer.parameters() if p.requires_grad]
+
+    def step_mean(x, sigma, sigma_next):  # returns mu (B, C, H, W) and the step's std, with the LoRA as it is
+        b = len(x)
+        out = transformer(hidden_states=torch.cat([x, x]), timestep=torch.full((2 * b,), 1000 * sigma),
+                          encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        v_u, v_c = out[:b].detach(), out[b:]
+        v = v_u + guidance * (v_c - v_u)
+        std_dev_t = noise_level * math.sqrt(sigma / (1 - (sigma_next if sigma == 1 else sigma)))
+        dt = sigma_next - sigma
+        mu = x * (1 + std_dev_t ** 2 / (2 * sigma) * dt) + v * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt
+        return mu, std_dev_t, std_dev_t * math.sqrt(-dt)
+
+    total = 0.0
+    for record in trained:
+        x, x_next = record["x"], record["x_next"]
+        sigma, sigma_next = float(record["sigma"]), float(record["sigma_next"])
+        mu, std_dev_t, std = step_mean(x, sigma, sigma_next)
+        logp = (-(x_next - mu) ** 2 / (2 * std ** 2) - math.log(std) - 0.5 * math.log(2 * math.pi)).mean((1, 2, 3))
+        ratio = torch.exp(logp - record["logp"])
+        policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 1e-4, 1 + 1e-4)).mean()
+        with torch.no_grad():
+            transformer.disable_adapters()
+            mu_ref, _, _ = step_mean(x, sigma, sigma_next)
+            transformer.enable_adapters()
+        kl = ((mu - mu_ref) ** 2).mean((1, 2, 3)) / (2 * std_dev_t ** 2)
+        total = total + (policy + beta * kl.mean()) / len(trained)
+    return torch.autograd.grad(total, params)
+
+
+def test_grpo_gradient_is_flow_grpos(tiny_dir, monkeypatch, tmp_path):
+    """One grpo update with the defaults (CFG in the loss, global std and clamp, 9 of 10 steps, their KL) has the
+    gradient of Flow-GRPO's formulas computed independently above, on the same rollout. Rewards: random, with an
+    outlier so that the clamp binds; the LoRA's B random so that the policy differs from the reference (else the
+    KL's gradient is zero). Catches: group std instead of global, no clamp, all 10 steps trained, a gradient
+    through the unconditional branch, the KL divided by the step's full variance (sqrt(-dt) kept)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
+    seen = {}
+    add_lora = step_grpo.add_lora
+
+    def add_random_lora(transformer, *a, **kw):
+        trainable = add_lora(transformer, *a, **kw)
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.data = torch.randn(p.shape, generator=g) * 0.05
+        seen["transformer"] = transformer
+        return trainable
+
+    def rewards(vae, latents, prompts):
+        r = torch.randn(len(latents), generator=g)
+        r[int(torch.randint(0, len(r), (), generator=g))] = 30.0  # |A| > 5 for it
+        seen["rewards"] = r  # the evaluations' calls come before and after the rollout's
+        return r
+
+    rollout = step_grpo.rollout
+
+    def recording_rollout(prompts, ctx, generators):
+        records, embeds, log = rollout(prompts, ctx, generators)
+        seen["prompts"], seen["records"], seen["rollout_rewards"] = prompts, records, seen["rewards"]
+        return records, embeds, log
+
+    def capture(params, max_norm):  # the gradient before clipping, and the weights it was taken at
+        seen["grads"] = [p.grad.clone() for p in params]
+        import copy
+        seen["at"] = copy.deepcopy(seen["transformer"])
+        return torch.zeros(())
+
+    monkeypatch.setattr(step_grpo, "add_lora", add_random_lora)
+    monkeypatch.setattr(step_grpo, "oracle_scores", rewards)
+    monkeypatch.setattr(step_grpo, "rollout", recording_rollout)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+    guidance = 1.5 + 3 * float(torch.rand((), generator=g))
+    step_grpo.main(step_grpo.parse_args([
+        *RUN, "--model", tiny_dir, "--reward", "oracle", "--mode", "grpo", "--group", "12", "--steps", "10",
+        "--guidance", f"{guidance}", "--kl-beta", "0.5", "--max-steps", "1", "--eval-every", "0", "--seed",
+        str(int(torch.randint(0, 1000, (), generator=g))), "--out", str(tmp_path / "run"), "--prompts-per-step",
+        "3"]))  # later flags win
+    assert len(seen["records"]) == 10 and len(seen["rollout_rewards"]) == 36
+    expected = flow_grpo_gradient(seen["at"], model.load_pipeline(tiny_dir), list(seen["prompts"]), seen["records"],
+                                  seen["rollout_rewards"], 12, guidance, beta=0.5)
+    got = torch.cat([t.flatten() for t in seen["grads"]])
+    want = torch.cat([t.flatten() for t in expected])
+    assert want.norm() > 0
+    assert (got - want).norm() <= 1e-4 * want.norm(), float((got - want).norm() / want.norm())

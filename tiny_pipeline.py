@@ -68,7 +68,7 @@ def build_tiny_pipeline(seed=0, transformer_config=None):
         text_encoder_3=text_encoder_3, tokenizer_3=t5_tok)
 
 
-def save_tiny_pipeline(path, seed=0):
+def save_tiny_pipeline(path, seed=0, transformer_config=None):
     """Build the tiny pipeline and save it as a diffusers folder; returns the path."""
-    build_tiny_pipeline(seed).save_pretrained(str(path))
+    build_tiny_pipeline(seed, transformer_config).save_pretrained(str(path))
     return str(path)

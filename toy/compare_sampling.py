@@ -156,14 +156,14 @@ def synchronize():
         torch.cuda.synchronize()
 
 
-def run_config(name, jobs, pipe, drm, args, length, size, k=1, noise_level=0.7, num_trials=0):
+def run_config(name, jobs, pipe, drm, args, length, size, k=1, noise_level=0.7, num_trials=0, drm_length=None):
     """Sample, time and score every job under one configuration (num_trials > 0: best-of-num_trials), saving the
     images as they come. -> dict(prompts, seeds, oracle (J,), drm (J,), pixels (J, 64, 64, 3), seconds_per_image)."""
     folder = os.path.join(args.out, "images", name)
     os.makedirs(folder, exist_ok=True)
     by_oracle = args.scorer == "oracle"
     sampling = dict(steps=args.steps, guidance=args.guidance, noise_level=noise_level, height=size, width=size,
-                    oracle=by_oracle)
+                    oracle=by_oracle, drm_sequence_length=drm_length)
     seconds, oracle, drm_values, pixels, rows = 0.0, [], [], [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc=name):
         batch = jobs[start:start + args.batch_size]
@@ -179,7 +179,7 @@ def run_config(name, jobs, pipe, drm, args, length, size, k=1, noise_level=0.7, 
         if by_oracle:  # no DRM: its column stays empty
             scores = [float("nan")] * len(batch)
         elif not num_trials:  # the report's DRM score, outside the timing: only best-of-N needs it to sample
-            scores = final_scores(drm, pipe, prompts, images, length)
+            scores = final_scores(drm, pipe, prompts, images, drm_length or length)
         batch_pixels = world.tensor_pixels(images)  # (B, 64, 64, 3)
         batch_oracle = world.score(batch_pixels, prompts)
         for row, (prompt, seed) in enumerate(batch):
@@ -276,17 +276,19 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.pipeline, dtype=inference_dtype(args.pipeline, device), device=device)
     drm, config = load_drm(args.drm, pipe.transformer) if args.scorer == "drm" else (None, {})
-    length = config.get("max_sequence_length", default_sequence_length(pipe))
+    length = default_sequence_length(pipe)  # the generator's; the DRM reads its own training length
+    drm_length = config.get("max_sequence_length", length)
     size = pipe.default_sample_size * pipe.vae_scale_factor
     os.makedirs(args.out, exist_ok=True)
-    run = lambda name, **kw: run_config(name, jobs, pipe, drm, args, length, size, **kw)  # noqa: E731
+    run = lambda name, **kw: run_config(name, jobs, pipe, drm, args, length, size, drm_length=drm_length,  # noqa
+                                        **kw)
 
     # 0. An untimed warm-up batch at the largest k (generator, DRM, prefix reuse, VAE), so no pass pays start-up.
     warm = jobs[:args.batch_size]
     images, _ = step_sample(pipe, drm, [p for p, _ in warm], [s for _, s in warm], k=ks[-1], steps=min(2, args.steps),
                             guidance=args.guidance, noise_level=args.noise_level, height=size, width=size,
-                            max_sequence_length=length, oracle=args.scorer == "oracle")
-    final_scores(drm, pipe, [p for p, _ in warm], images, length, oracle=args.scorer == "oracle")
+                            max_sequence_length=length, oracle=args.scorer == "oracle", drm_sequence_length=drm_length)
+    final_scores(drm, pipe, [p for p, _ in warm], images, drm_length, oracle=args.scorer == "oracle")
 
     # 1. Step-wise sampling at every k (k = 1: plain SDE sampling), and the Euler ODE sampler.
     results = {"ode": run("ode", k=1, noise_level=0.0)}

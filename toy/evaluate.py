@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import load_image, read_records  # noqa: E402
 from model import encode_images, encode_prompts, load_drm, load_pipeline  # noqa: E402
 from toy import world  # noqa: E402
-from toy.build import MAX_SEQUENCE_LENGTH  # noqa: E402
 
 SIGMAS = (0.0, 0.25, 0.5, 0.75, 0.9)
 TERMS = ("presence", "shape", "purity", "placement", "sharpness", "background")  # the oracle's factors
@@ -64,12 +63,12 @@ def spearman(a, b):
 
 
 @torch.no_grad()
-def drm_scores(drm, pipe, latents, prompts, sigma, generator, batch=256):
-    """DRM scores of latents noised to sigma (fixed generator), batched."""
+def drm_scores(drm, pipe, latents, prompts, sigma, generator, length, batch=256):
+    """DRM scores of latents noised to sigma (fixed generator), batched; prompts encoded with `length` T5 tokens."""
     out = []
     for i in range(0, len(latents), batch):
         x0, chunk = latents[i:i + batch], prompts[i:i + batch]
-        embeds, pooled = encode_prompts(pipe, chunk, MAX_SEQUENCE_LENGTH)
+        embeds, pooled = encode_prompts(pipe, chunk, length)
         noise = torch.randn(x0.shape, generator=generator)  # on the CPU: the same noise on every device
         x = ((1 - sigma) * x0 + sigma * noise).to(embeds.device)
         out.append(drm(x, torch.full((len(x0),), 1000 * sigma, device=x.device), embeds, pooled).float().cpu())
@@ -103,7 +102,7 @@ def main(argv=None):
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # fp32 on either: the scores agree to ~1e-4
     pipe = load_pipeline(args.pipeline, device=device)
-    drm, _ = load_drm(args.drm, pipe.transformer)
+    drm, config = load_drm(args.drm, pipe.transformer)  # config: the DRM's own T5 length
     drm.float().to(device).eval()
 
     # The distinct held-out samples behind the pairs, their oracle scores and clean latents.
@@ -125,7 +124,8 @@ def main(argv=None):
     confident = gap >= 0.15
     clean = None
     for sigma in SIGMAS:
-        scores = drm_scores(drm, pipe, latents, prompts, sigma, torch.Generator().manual_seed(1234))
+        scores = drm_scores(drm, pipe, latents, prompts, sigma, torch.Generator().manual_seed(1234),
+                            config["max_sequence_length"])
         clean = scores if sigma == 0 else clean
         right = scores[win] > scores[lose]
         results[f"sigma={sigma:g}"] = dict(
