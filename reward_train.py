@@ -1,13 +1,18 @@
 """Bradley-Terry training of the DRM on preference pairs (PAPER.md section 1).
 
-For each pair (winner, loser, prompt) draw ONE noise level sigma (logit-normal by default), noise the two VAE-mean
-latents with independent noise to that sigma, score both with the DRM at timestep 1000 * sigma and minimise
--log sigmoid(s_win - s_lose). Held-out pairs are scored clean (t = 0, winner strictly above loser, the authors'
-rule) and at each noise level of --eval-sigmas, to show how accuracy falls with noise.
+For each pair (winner, loser, prompt) draw ONE noise level sigma, noise the two VAE-mean latents with independent
+noise to that sigma, score both with the DRM at timestep 1000 * sigma and minimise -log sigmoid(s_win - s_lose).
+The default sigma is the authors' SD3.5-Medium recipe: u ~ logit-normal(0, 1) picks a point of the scheduler's
+shift-3 training grid, so sigma's 10/50/90% quantiles are 0.46 / 0.75 / 0.92 (high noise is likely); their
+SD3.5-Large recipe is a uniform point of the unshifted grid (--timestep-sampling grid_uniform --timestep-shift 1).
+Held-out pairs are scored clean (t = 0, winner strictly above loser, the authors' rule) and at each noise level of
+--eval-sigmas, to show how accuracy falls with noise.
 
 Departures from the authors' code: the backbone is frozen by default (the design's default; --backbone full is
-their recipe); clean latents use the VAE mean, not a sample; the sampled sigma is continuous, not snapped to the
-scheduler's grid; a bad record is an error (or, with --skip-bad, skipped and counted), never replaced.
+their recipe); clean latents use the VAE mean, not a sample; u counts from the low-noise end of the grid, so a
+positive --logit-mean means more noise in both logit-normal modes (their index runs from the high-noise end: at
+their mean 0 the two draw the same distribution); a bad record is an error (or, with --skip-bad, skipped and
+counted), never replaced.
 
     python reward_train.py                                   # demo: tiny pipeline + generated pairs, CPU ok
     python reward_train.py --model /models/sd3.5-medium --train-data hpdv3/train.json:hpdv3/images \\
@@ -32,6 +37,8 @@ from tqdm import tqdm
 from data import UserError, load_preference_data, make_demo_pairs
 from model import DRM, encode_images, encode_prompts_cached, load_pipeline, save_drm
 
+TIMESTEP_SAMPLINGS = ("grid_logit_normal", "grid_uniform", "logit_normal", "uniform")
+
 
 @dataclass
 class Args:
@@ -50,8 +57,17 @@ class Args:
                                                                       "norm_out / proj_out too"})
     lora_rank: int = field(default=32, metadata={"help": "LoRA rank (--backbone lora)"})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha (--backbone lora)"})
-    timestep_sampling: str = field(default="logit_normal", metadata={"help": "logit_normal | uniform"})
-    logit_mean: float = field(default=0.0, metadata={"help": "logit-normal mean"})
+    timestep_sampling: str = field(default="grid_logit_normal", metadata={
+        "choices": TIMESTEP_SAMPLINGS,
+        "help": "how a pair's sigma is drawn. grid_logit_normal (the authors' SD3.5-Medium recipe): u = "
+                "sigmoid(N(mean, std)) picks point floor(u N) of the scheduler's N-point grid, counted from low "
+                "noise; grid_uniform: a uniform grid point (with --timestep-shift 1: the authors' SD3.5-Large "
+                "recipe); logit_normal: sigma = sigmoid(N(mean, std)), continuous, unshifted; uniform: sigma ~ "
+                "U[0, 1)"})
+    timestep_shift: float = field(default=0.0, metadata={"help": "shift of the grid of the grid_* modes: sigma = "
+                                                                 "shift s / (1 + (shift - 1) s); 0: the pipeline's "
+                                                                 "scheduler config's (3.0 in SD3.5's folders)"})
+    logit_mean: float = field(default=0.0, metadata={"help": "logit-normal mean (> 0: more noise)"})
     logit_std: float = field(default=1.0, metadata={"help": "logit-normal std"})
     lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
@@ -92,18 +108,39 @@ def parse_args(argv=None):
         elif f.type is list:
             parser.add_argument(flag, action="append", default=[], help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"])
+            # Choices show in --help as argparse's {a,b} but are checked in check_args: one line, as every error.
+            choices = f.metadata.get("choices")
+            parser.add_argument(flag, type=f.type, default=f.default, help=f.metadata["help"],
+                                metavar="{" + ",".join(choices) + "}" if choices else None)
     return Args(**vars(parser.parse_args(argv)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The math
 
-def sample_sigmas(n, scheme, generator, mean=0.0, std=1.0):
-    """One noise level per pair: sigmoid of a normal (logit-normal, SD3's training density) or uniform."""
-    if scheme == "logit_normal":
-        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=generator.device))
-    return torch.rand(n, generator=generator, device=generator.device)
+def training_grid(scheduler_config, shift):
+    """The scheduler's N training noise levels, high to low, as diffusers builds them from the pipeline's config:
+    sigma = shift s / (1 + (shift - 1) s) for s = N/N ... 1/N (N = num_train_timesteps, 1000 in SD3.5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    # Dynamic (resolution-dependent) shifting only happens at inference time; training uses the static shift.
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, shift=shift, use_dynamic_shifting=False)
+    return scheduler.sigmas.float()  # (N,); set_timesteps was never called, so no terminal 0 is appended
+
+
+def sample_sigmas(n, scheme, generator, mean=0.0, std=1.0, grid=None):
+    """One noise level per pair, (n,). u is sigmoid(N(mean, std)) (logit-normal, SD3's training density) or U[0, 1);
+    the continuous modes return u, the grid_* modes snap it to point floor(u N) of `grid` (training_grid), counted
+    from the low-noise end. With mean 0 and the shift-3 grid that is the authors' Medium recipe: sigma's 10/50/90%
+    quantiles are 0.46 / 0.75 / 0.92, where sigmoid(N(0, 1)) itself gives 0.22 / 0.50 / 0.78."""
+    if scheme.endswith("logit_normal"):
+        u = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=generator.device))
+    else:
+        u = torch.rand(n, generator=generator, device=generator.device)
+    if not scheme.startswith("grid_"):
+        return u
+    ascending = grid.flip(0).to(u.device)  # low noise first: a larger u is more noise, as in the continuous modes
+    index = (u * len(ascending)).long().clamp(max=len(ascending) - 1)  # sigmoid rounds to 1.0 for a large draw
+    return ascending[index]
 
 
 def add_noise(x0, noise, sigma):
@@ -267,8 +304,10 @@ def prepare_demo(args, rank):
 def check_args(args):
     if args.backbone not in ("frozen", "lora", "full"):
         raise UserError(f"--backbone {args.backbone}: choose frozen, lora or full")
-    if args.timestep_sampling not in ("logit_normal", "uniform"):
-        raise UserError(f"--timestep-sampling {args.timestep_sampling}: choose logit_normal or uniform")
+    if args.timestep_sampling not in TIMESTEP_SAMPLINGS:
+        raise UserError(f"--timestep-sampling {args.timestep_sampling}: choose {', '.join(TIMESTEP_SAMPLINGS)}")
+    if args.timestep_shift < 0:
+        raise UserError(f"--timestep-shift must be > 0 (or 0: the scheduler config's), got {args.timestep_shift}")
     if args.precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"--precision {args.precision}: choose auto, bf16 or fp32")
     for name in ("batch_size", "grad_accum", "eval_batch_size", "lora_rank", "max_sequence_length"):
@@ -315,6 +354,12 @@ def main(args):
             part.requires_grad_(False)
             if dtype != torch.float32:
                 part.to(dtype)
+    grid = None  # the grid_* modes snap sigma to the scheduler's training grid, shifted as its config says
+    if args.timestep_sampling.startswith("grid_"):
+        shift = args.timestep_shift or pipe.scheduler.config.get("shift", 1.0)
+        grid = training_grid(pipe.scheduler.config, shift).to(device)
+        print0(f"timesteps: {args.timestep_sampling} over the shift-{shift:g} grid of {len(grid)} noise levels",
+               rank=rank)
     drm = DRM(pipe.transformer, args.skip_last_blocks, args.backbone, args.train_output_layers,
               args.lora_rank, args.lora_alpha).to(device)
     for p in drm.parameters():
@@ -388,7 +433,7 @@ def main(args):
             embeds, pooled = encode_prompts_cached(pipe, batch["prompt"], args.max_sequence_length, prompt_cache,
                                                    args.prompt_cache)
             # 2. One sigma per pair, shared by winner and loser; independent noise for the two.
-            sigma = sample_sigmas(n, args.timestep_sampling, noise_generator, args.logit_mean, args.logit_std)
+            sigma = sample_sigmas(n, args.timestep_sampling, noise_generator, args.logit_mean, args.logit_std, grid)
             sigma = torch.cat([sigma, sigma])  # (2n,)
             x = add_noise(x0, torch.randn(x0.shape, generator=noise_generator, device=device), sigma)
             # 3. Score both and take the Bradley-Terry loss.

@@ -598,6 +598,88 @@ def test_sample_sigmas():
     uniform = reward_train.sample_sigmas(n, "uniform", generator)
     assert torch.all((uniform >= 0) & (uniform < 1))  # torch.rand: [0, 1); an exact 0 is a clean-image pair
     assert abs(uniform.mean() - 0.5) < 0.01 and abs(uniform.std() - math.sqrt(1 / 12)) < 0.01
+    # The continuous modes are not snapped to any grid: 200k draws are (almost) all distinct.
+    assert len(torch.unique(sigma)) > 0.99 * n and len(torch.unique(uniform)) > 0.99 * n
+
+
+def shifted(s, shift):
+    """SD3's timestep shift of an unshifted noise level s."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def grid_quantile(p, shift, num_points, logit_normal):
+    """Quantile p of a grid mode's sigma, from the formulas: u's quantile (logit-normal(0, 1) or uniform), snapped to
+    grid point floor(u N) from the low-noise end, whose unshifted level is (floor(u N) + 1) / N."""
+    u = float(torch.sigmoid(torch.special.ndtri(torch.tensor(p, dtype=torch.float64)))) if logit_normal else p
+    return shifted((math.floor(u * num_points) + 1) / num_points, shift)
+
+
+@pytest.mark.parametrize("shift", [3.0, 1.0, None])
+def test_training_grid_is_the_shifted_scheduler_grid(pipe, shift):
+    shift = shift or round(random.uniform(1.5, 6), 3)
+    num_points = pipe.scheduler.config.num_train_timesteps
+    grid = reward_train.training_grid(pipe.scheduler.config, shift)
+    expected = shifted(torch.arange(num_points, 0, -1, dtype=torch.float64) / num_points, shift)  # high to low
+    assert grid.shape == (num_points,) and torch.allclose(grid.double(), expected, atol=1e-6)
+
+
+def test_sample_sigmas_grid_modes_match_the_authors_quantiles():
+    generator = torch.Generator().manual_seed(torch.randint(2 ** 31, ()).item())
+    n, num_points, probs = 200_000, 1000, (0.1, 0.5, 0.9)
+    config = dict(num_train_timesteps=num_points, shift=3.0)  # SD3.5's scheduler
+    grid = reward_train.training_grid(config, 3.0)
+
+    def quantiles(sigma):
+        return torch.quantile(sigma.double(), torch.tensor(probs, dtype=torch.float64)).tolist()
+
+    # The default: the authors' Medium recipe, 0.46 / 0.75 / 0.92 (not sigmoid(N(0, 1))'s 0.22 / 0.50 / 0.78).
+    sigma = reward_train.sample_sigmas(n, reward_train.Args().timestep_sampling, generator, grid=grid)
+    assert sigma.shape == (n,) and torch.isin(sigma, grid).all()
+    for got, p, paper in zip(quantiles(sigma), probs, (0.46, 0.75, 0.92)):
+        assert abs(got - grid_quantile(p, 3.0, num_points, True)) < 0.01 and abs(got - paper) < 0.01
+    # A positive logit mean is more noise, as in the continuous mode: the median is the shifted sigmoid(mean).
+    more = reward_train.sample_sigmas(n, "grid_logit_normal", generator, mean=1.0, grid=grid)
+    assert abs(quantiles(more)[1] - shifted(1 / (1 + math.exp(-1)), 3.0)) < 0.01
+    # grid_uniform: every grid point equally likely, on the shifted grid and on the unshifted one (the authors'
+    # Large recipe, shift 1).
+    for shift in (3.0, 1.0):
+        grid = reward_train.training_grid(config, shift)
+        sigma = reward_train.sample_sigmas(n, "grid_uniform", generator, grid=grid)
+        assert torch.isin(sigma, grid).all()
+        counts = torch.bincount(torch.searchsorted(grid.flip(0), sigma), minlength=num_points)
+        assert counts.min() > 0 and counts.max() < 2 * n / num_points  # ~200 each, Poisson spread ~14
+        for got, p in zip(quantiles(sigma), probs):
+            assert abs(got - grid_quantile(p, shift, num_points, False)) < 0.01
+
+
+def test_timestep_sampling_flags_bad_values_are_one_line_user_errors():
+    for flags, named in ((["--timestep-sampling", "shifted"], "--timestep-sampling"),
+                         (["--timestep-shift", str(-random.uniform(0.1, 3))], "--timestep-shift")):
+        with pytest.raises(UserError, match=named) as error:
+            reward_train.check_args(reward_train.parse_args(flags))
+        assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("flags,shift", [((), 3.0), (("--timestep-sampling", "grid_uniform", "--timestep-shift", "1"),
+                                                      1.0)])
+def test_train_main_sample_sigmas_on_the_scheduler_grid(tiny_dir, pipe, pair_files, tmp_path, monkeypatch, flags,
+                                                        shift):
+    """The trainer draws its sigmas on the grid of the pipeline's scheduler (the tiny pipeline records shift 3), or
+    of --timestep-shift."""
+    drawn, sample_sigmas = [], reward_train.sample_sigmas
+
+    def recording(*args, **kwargs):
+        drawn.append(sample_sigmas(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(reward_train, "sample_sigmas", recording)
+    steps = int(torch.randint(2, 4, ()))
+    reward_train.main(reward_train.parse_args(train_command(tiny_dir, pair_files, tmp_path / "out", "--backbone",
+                                                            "frozen", "--max-steps", str(steps), *flags)[2:]))
+    assert pipe.scheduler.config.shift == 3.0 and pipe.scheduler.config.num_train_timesteps == 1000
+    grid = shifted(torch.arange(1000, 0, -1) / 1000, shift)
+    assert len(drawn) == steps
+    assert all((sigma[:, None] - grid[None]).abs().min(1).values.max() < 1e-6 for sigma in drawn)  # (n, 1000)
 
 
 @pytest.mark.parametrize("world,batch_size,grad_accum", [(1, 2, 1), (2, 2, 1), (2, 3, 2), (4, 1, 3)])
