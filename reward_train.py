@@ -19,15 +19,26 @@ counted), never replaced.
         --test-data hpdv3/test.json:hpdv3/images --out runs/drm
     torchrun --nproc_per_node=8 reward_train.py --model /models/sd3.5-medium --backbone full \\
         --train-data hpdv3/train.json:hpdv3/images --test-data hpdv3/test.json:hpdv3/images --out runs/drm
+    torchrun --nproc_per_node=8 reward_train.py --model /models/sd3.5-large --skip-last-blocks 5 --backbone full \\
+        --fsdp --gradient-checkpointing --timestep-sampling grid_uniform --timestep-shift 1 \\
+        --train-data hpdv3/train.json:hpdv3/images --test-data hpdv3/test.json:hpdv3/images --out runs/drm-large
+
+--fsdp (full backbone under torchrun) shards weights, gradients and AdamW state over the ranks with PyTorch's FSDP2
+where plain DDP keeps all of them on every GPU: SD3.5-Large's ~120 GB of fp32 training state fits no single GPU.
+The authors used DeepSpeed ZeRO-2 (weights whole on every GPU); FSDP2 also shards the weights (ZeRO-3), gathering
+one block at a time. Its checkpoint is sharded: OUT/checkpoint.pt names a folder of per-rank shards.
 """
 import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -81,6 +92,10 @@ class Args:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute prefix blocks in backward"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the DRM"})
+    fsdp: bool = field(default=False, metadata={"help": "--backbone full under torchrun: shard weights, gradients "
+                                                        "and AdamW state over the ranks (FSDP2: a unit per block and "
+                                                        "the head, bf16 compute over fp32 master weights), for a "
+                                                        "model whose training state does not fit one GPU"})
     num_workers: int = field(default=2, metadata={"help": "image-loading worker processes per rank"})
     prompt_cache: int = field(default=0, metadata={"help": "keep the text embeddings of up to N distinct prompts on "
                                                            "the GPU (0: encode every batch); (77 + T5 tokens) x 4096 "
@@ -237,12 +252,89 @@ def set_rng_state(state, generator):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(path, drm, optimizer, step, rng_states, args, elapsed=0.0):
-    """One plain dict, written to a temp file and renamed, so a crash never leaves half a checkpoint."""
-    checkpoint = dict(drm=drm.trainable_state_dict(), optimizer=optimizer.state_dict(), step=step,
-                      rng=rng_states, args=asdict(args), elapsed=elapsed)
+def save_checkpoint(path, weights, step, rng_states, args, elapsed=0.0):
+    """One plain dict, written to a temp file and renamed, so a crash never leaves half a checkpoint. `weights`:
+    the trained weights and optimizer state themselves, or (FSDP) the name of the folder that holds their shards."""
+    checkpoint = dict(weights, step=step, rng=rng_states, args=asdict(args), elapsed=elapsed)
     torch.save(checkpoint, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+# FSDP2 (--fsdp). What makes it more than a wrapper: ranks must start equal, a sharded forward is a collective
+# (evaluation pads every rank to the same number of batches), and checkpoints are written by every rank.
+
+def shard_drm(drm, device, dtype, world):
+    """Shard the DRM in place (ZeRO-3): each transformer block and the head are a unit, gathered just before they
+    run and freed after; the root unit holds the embedders and output layers. FSDP2 shards each parameter on its
+    own, so a unit may mix trained and frozen ones (the last prefix block's context path): those get no gradient.
+    The skipped blocks never run, so they are never gathered."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # FSDP2 warns that in-place ops on a unit's output view would skip its hooks; the DRM's scores never get any.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for tensor in [*drm.parameters(), *drm.buffers()]:  # rank 0's head init everywhere, as DDP's constructor does
+        dist.broadcast(tensor.data, 0)
+    # bf16 gathers and compute over fp32 shards, gradients reduced in fp32. Inputs are left alone: in bf16 the
+    # timestep 1000 * sigma would lose its fraction; autocast casts what the matmuls read, as under DDP.
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if dtype != torch.float32 else MixedPrecisionPolicy()
+    mesh = init_device_mesh(device.type, (world,))
+    for unit in [*drm.transformer.transformer_blocks, drm.reward_output, drm]:
+        # The root reshards too, so that between steps (and after a no-grad evaluation) every weight is a shard.
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    return drm
+
+
+def sharded_state(drm, optimizer):
+    """The trained weights and the AdamW state, as this rank's shards keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    trained = {name for name, p in drm.named_parameters() if p.requires_grad}
+    weights = {k: v for k, v in get_model_state_dict(drm).items() if k in trained}
+    return dict(drm=weights, optimizer=get_optimizer_state_dict(drm, optimizer))
+
+
+def save_sharded(out, step, drm, optimizer, rank):
+    """Every rank writes its own shards (torch.distributed.checkpoint) into OUT/checkpoint-stepN: no rank gathers
+    the whole state (~96 GB for SD3.5-Large). The folder counts only once checkpoint.pt names it, so a kill while
+    it is written leaves the previous checkpoint in force. Returns the folder's name."""
+    import torch.distributed.checkpoint as dcp
+    name = f"checkpoint-step{step}"
+    if rank == 0:
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)  # half of one from a run killed while writing
+    dist.barrier()
+    dcp.save(sharded_state(drm, optimizer), checkpoint_id=os.path.join(out, name))
+    return name
+
+
+def remove_old_shards(out, keep):
+    for name in os.listdir(out):
+        if name.startswith("checkpoint-step") and name != keep:
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+def load_sharded(folder, drm, optimizer):
+    """Shards back into place; a checkpoint written by another number of ranks is resharded on load."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    state = sharded_state(drm, optimizer)  # the layout to fill (it creates AdamW's state, at zero, to fill)
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(drm, state["drm"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(drm, optimizer, state["optimizer"])
+
+
+def gathered_drm(drm, rank):
+    """What save_drm reads of a DRM, with each trained parameter gathered whole (one at a time, on every rank: a
+    collective) onto rank 0's CPU, so drm.safetensors is the same full file as without FSDP. None on other ranks."""
+    from torch.distributed.tensor import DTensor
+    tensors = {}
+    for name, p in drm.named_parameters():
+        if p.requires_grad:
+            whole = p.full_tensor() if isinstance(p, DTensor) else p
+            if rank == 0:
+                tensors[name] = whole.detach().cpu()
+    return SimpleNamespace(transformer=drm.transformer, config_dict=drm.config_dict,
+                           trainable_state_dict=lambda: tensors) if rank == 0 else None
 
 
 def truncate_metrics(path, step):
@@ -264,10 +356,15 @@ def evaluate(drm, pipe, test_set, sigmas, args, rank, world, device, dtype, prom
     drm.eval()
     generator = torch.Generator(device).manual_seed(12345 + rank)
     correct, total = torch.zeros(len(sigmas), device=device), torch.zeros((), device=device)
-    mine = torch.utils.data.Subset(test_set, range(rank, len(test_set), world))
-    for batch in torch.utils.data.DataLoader(mine, batch_size=args.eval_batch_size, num_workers=args.num_workers,
-                                             collate_fn=collate):
+    mine = list(range(rank, len(test_set), world))
+    real, seen = len(mine), 0
+    if args.fsdp:  # a sharded forward is a collective: every rank runs as many batches (the padding counts for none)
+        mine += [0] * (math.ceil(len(test_set) / world) - real)
+    for batch in torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, mine), batch_size=args.eval_batch_size,
+                                             num_workers=args.num_workers, collate_fn=collate):
         n = len(batch["prompt"])
+        counted = torch.arange(seen, seen + n, device=device) < real  # (n,)
+        seen += n
         embeds, pooled = encode_prompts_cached(pipe, batch["prompt"], args.max_sequence_length, prompt_cache,
                                                args.prompt_cache)
         x0 = encode_images(pipe.vae, torch.cat([batch["winner"], batch["loser"]]).to(device)).float()  # (2n, C, h, w)
@@ -277,8 +374,8 @@ def evaluate(drm, pipe, test_set, sigmas, args, rank, world, device, dtype, prom
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 scores = drm(x, torch.full((2 * n,), 1000 * sigma, device=device),
                              embeds.repeat(2, 1, 1), pooled.repeat(2, 1))
-            correct[j] += (scores[:n] > scores[n:]).sum()
-        total += n
+            correct[j] += ((scores[:n] > scores[n:]) & counted).sum()
+        total += counted.sum()
     if world > 1:
         dist.all_reduce(correct)
         dist.all_reduce(total)
@@ -318,6 +415,13 @@ def check_args(args):
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.model and not args.train_data:
         raise UserError("--train-data is required with --model (an HPDv3 .json or .jsonl of pairs)")
+    if args.fsdp and args.backbone != "full":
+        raise UserError(f"--fsdp shards trained weights, and --backbone {args.backbone} trains few (the backbone "
+                        f"stays frozen, in bf16: 16 GB for SD3.5-Large): drop --fsdp, or use --backbone full")
+    if args.fsdp and "RANK" not in os.environ:
+        raise UserError("--fsdp shards the model over torchrun's processes: launch with torchrun --nproc_per_node=N")
+    if args.fsdp and args.compile:
+        raise UserError("--fsdp with --compile is not supported (compiling the sharded DRM is untested): drop one")
     if args.resume and args.resume != "latest" and not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such checkpoint file")
 
@@ -362,16 +466,19 @@ def main(args):
                rank=rank)
     drm = DRM(pipe.transformer, args.skip_last_blocks, args.backbone, args.train_output_layers,
               args.lora_rank, args.lora_alpha).to(device)
-    for p in drm.parameters():
-        p.data = p.data.float() if p.requires_grad else p.data.to(dtype)
+    for p in drm.parameters():  # under FSDP the frozen stay fp32 too: one dtype per unit, and they are sharded
+        p.data = p.data.float() if p.requires_grad or args.fsdp else p.data.to(dtype)
     drm.gradient_checkpointing = args.gradient_checkpointing
     drm.train()
+    if args.fsdp:
+        shard_drm(drm, device, dtype, world)  # its parameters are now this rank's shards: build the optimizer after
     trainable = [p for p in drm.parameters() if p.requires_grad]
     print0(f"DRM: {drm.prefix_blocks} prefix blocks, backbone {args.backbone}, "
-           f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained parameters, {dtype}", rank=rank)
+           f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained parameters, {dtype}"
+           f"{f', sharded over {world} ranks' if args.fsdp else ''}", rank=rank)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     model = torch.nn.parallel.DistributedDataParallel(drm, device_ids=[device.index] if device.type == "cuda"
-                                                      else None) if world > 1 else drm
+                                                      else None) if world > 1 and not args.fsdp else drm
     if args.compile:
         model = torch.compile(model)
 
@@ -385,8 +492,14 @@ def main(args):
             if checkpoint["args"][name] != getattr(args, name):
                 raise UserError(f"--resume {resume_path}: the checkpoint was trained with --{name.replace('_', '-')} "
                                 f"{checkpoint['args'][name]}, this run has {getattr(args, name)}")
-        drm.load_state_dict(checkpoint["drm"], strict=False)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        if ("sharded" in checkpoint) != args.fsdp:
+            written, change = ("without", "drop") if args.fsdp else ("with", "add")
+            raise UserError(f"--resume {resume_path}: the checkpoint was written {written} --fsdp: {change} --fsdp")
+        if args.fsdp:
+            load_sharded(os.path.join(os.path.dirname(resume_path), checkpoint["sharded"]), drm, optimizer)
+        else:
+            drm.load_state_dict(checkpoint["drm"], strict=False)
+            optimizer.load_state_dict(checkpoint["optimizer"])
         start_step, elapsed = checkpoint["step"], checkpoint.get("elapsed", 0.0)
         if len(checkpoint["rng"]) == world:
             set_rng_state(checkpoint["rng"][rank], noise_generator)
@@ -416,9 +529,17 @@ def main(args):
         if world > 1:
             states = [None] * world
             dist.all_gather_object(states, rng_state(noise_generator))
+        if args.fsdp:  # every rank writes its shards and takes part in gathering the exported weights
+            folder = save_sharded(args.out, step, drm, optimizer, rank)
+            weights, exported = dict(sharded=folder), gathered_drm(drm, rank)
+        elif rank == 0:
+            weights = dict(drm=drm.trainable_state_dict(), optimizer=optimizer.state_dict())
+            exported = drm
         if rank == 0:
-            save_checkpoint(checkpoint_path, drm, optimizer, step, states, args, time.time() - t_start)
-            save_drm(drm, os.path.join(args.out, "drm.safetensors"), args.model, args.max_sequence_length)
+            save_checkpoint(checkpoint_path, weights, step, states, args, time.time() - t_start)
+            save_drm(exported, os.path.join(args.out, "drm.safetensors"), args.model, args.max_sequence_length)
+            if args.fsdp:
+                remove_old_shards(args.out, keep=folder)
 
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=rank != 0)
     t_start = time.time() - elapsed  # --max-minutes counts the time before a resume too
@@ -437,7 +558,9 @@ def main(args):
             sigma = torch.cat([sigma, sigma])  # (2n,)
             x = add_noise(x0, torch.randn(x0.shape, generator=noise_generator, device=device), sigma)
             # 3. Score both and take the Bradley-Terry loss.
-            sync = micro == args.grad_accum - 1 or world == 1  # DDP all-reduces grads on the last micro-batch
+            # DDP all-reduces grads on the last micro-batch; FSDP reduce-scatters every one into its sharded grads
+            # (skipping it would hold whole unsharded grads: the memory FSDP is there to save).
+            sync = micro == args.grad_accum - 1 or world == 1 or args.fsdp
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), \
                     (model.no_sync() if not sync else contextlib.nullcontext()):
                 scores = model(x, 1000 * sigma, embeds.repeat(2, 1, 1), pooled.repeat(2, 1))  # (2n,)
@@ -446,7 +569,8 @@ def main(args):
             loss_sum += loss.item() / args.grad_accum
             correct += int((scores[:n] > scores[n:]).sum())
         # 4. Update.
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)  # of sharded grads: over all ranks
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
