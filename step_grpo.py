@@ -663,7 +663,7 @@ def main(args):
         done = step + 1
         # reward: mean over the last step's candidates (step mode: clean latents) or the terminal rewards (grpo).
         totals = torch.tensor([log["reward"], log["reward_chosen"], first["loss"], first["kl"], first["ratio_dev"],
-                               first["clip_frac"]], device=device)
+                               first["clip_frac"], stats["ratio_dev"]], device=device)  # stats: the last epoch's
         if world > 1:
             dist.all_reduce(totals)
             totals /= world
@@ -673,6 +673,8 @@ def main(args):
         row = dict(step=done, reward=totals[0].item(), reward_chosen=totals[1].item(), loss=totals[2].item(),
                    kl=totals[3].item(), ratio_dev=totals[4].item(), clip_frac=totals[5].item(),
                    grad_norm=float(grad_norm), seconds=round(seconds, 3), device_seconds=round(device_seconds, 2))
+        if args.inner_epochs > 1:  # later epochs are off-policy: their ratio moves away from 1
+            row["ratio_dev_last_epoch"] = totals[6].item()
         if device.type == "cuda":
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
         out_of_time = rank0_says(args.max_minutes > 0 and train_seconds > 60 * args.max_minutes, world,

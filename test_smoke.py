@@ -270,7 +270,7 @@ def test_load_drm_authors_file(transformer, pipe, tmp_path):
     del tensors["reward_output.mlp.3.bias"]
     save_file(tensors, path)
     with pytest.raises(UserError, match="missing") as e:
-        model.load_drm(path, transformer)
+        model.load_drm(path, transformer, skip_last_blocks=2)
     assert path in str(e.value)
 
 
@@ -942,3 +942,19 @@ def test_train_bad_input_one_line_error(tiny_dir, pair_files, tmp_path, case):
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert rc != 0 and "Traceback" not in log, log[-3000:]
     assert len(errors) == 1 and expected in errors[0], log[-3000:]
+
+
+def test_bradley_terry_training_learns_the_demo_preference(tmp_path):
+    """The demo (a tiny random pipeline, clean-vs-degraded pairs): 150 steps of Bradley-Terry training lift the
+    held-out accuracy at sigma 0 from chance to well above it (0.997 in docs/RESULTS.md's run of these settings).
+    Catches: winner and loser swapped in the loss (it learns the opposite preference: accuracy below chance), a
+    loss that does not reach the DRM's head."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    seed = str(int(torch.randint(0, 1000, ())))
+    rc, log = run([sys.executable, "reward_train.py", "--out", str(out), "--max-steps", "150", "--batch-size", "8",
+                   "--lr", "1e-3", "--timestep-sampling", "logit_normal", "--num-workers", "0", "--eval-every", "0",
+                   "--eval-sigmas", "0", "--prompt-cache", "64", "--seed", seed], out / "log.txt", timeout=900)
+    assert rc == 0, log[-3000:]
+    accuracy = read_metrics(out)[-1]["eval"]["acc@0"]
+    assert accuracy > 0.85, (seed, accuracy)

@@ -193,12 +193,19 @@ def test_oracle_reward_scores_the_base_models_clean_prediction(tiny_dir, monkeyp
     assert all(p.requires_grad for p in trainable)
 
 
-def test_step_mode_with_the_dense_oracle(tiny_dir, tmp_path):
+TOY = os.path.join(REPO, "toy", "assets", "pipeline")  # the shipped toy pipeline: the oracle varies over its samples
+TOY_RUN = ["--model", TOY, "--steps", "3", "--prompts-per-step", "2", "--eval-num", "1", "--eval-steps", "2",
+           "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--ema", "0", "--eval-every", "0"]
+
+
+def test_step_mode_with_the_dense_oracle(tmp_path):
+    """On the toy pipeline, where the oracle tells the candidates apart: the chosen (best) candidate's oracle score
+    is above the mean of its k. Catches: the choice not taken by the reward (argmin, or the first candidate)."""
     out = str(tmp_path / "step_oracle")
-    run(["--model", tiny_dir, "--reward", "oracle", "--mode", "step", "--k", "3", "--continue", "best", "--max-steps",
-         "1", "--out", out, *RUN])
+    run([*TOY_RUN, "--reward", "oracle", "--mode", "step", "--k", "4", "--continue", "best", "--max-steps", "1",
+         "--seed", str(int(torch.randint(0, 1000, ()))), "--out", out])
     rows = metrics(out)
-    assert rows[0]["ratio_dev"] < 1e-4 and 0 <= rows[0]["reward"] <= rows[0]["reward_chosen"] <= 1
+    assert rows[0]["ratio_dev"] < 1e-4 and 0 < rows[0]["reward"] < rows[0]["reward_chosen"] <= 1, rows[0]
     assert "eval_oracle" in rows[-1]
 
 
@@ -341,14 +348,25 @@ def test_plot_draws_each_run_where_its_values_are(tmp_path):
     assert high_rows.mean() < low_rows.mean() - 60  # higher values are drawn higher up
 
 
-def test_grpo_mode_with_oracle_cfg_and_kl(tiny_dir, tmp_path):
-    out = str(tmp_path / "grpo")
-    run(["--model", tiny_dir, "--reward", "oracle", "--mode", "grpo", "--group", "2", "--cfg-in-loss",
-         "--guidance", "3", "--kl-beta", "0.1", "--max-steps", "2", "--out", out, *RUN])
-    rows = metrics(out)
+def test_grpo_mode_with_oracle_cfg_and_kl(tmp_path):
+    """grpo on the toy oracle with CFG and the KL term: the rewards vary, the KL is 0 at the first update (the LoRA's
+    B starts at zero: policy = reference) and > 0 at the second, and it changes the update (the same run without it
+    ends at other weights). Catches: the KL term dropped or detached."""
+    seed = str(int(torch.randint(0, 1000, ())))
+    common = [*TOY_RUN, "--reward", "oracle", "--mode", "grpo", "--group", "2", "--guidance", "3", "--max-steps", "2",
+              "--seed", seed]
+    with_kl, without = str(tmp_path / "kl"), str(tmp_path / "no_kl")
+    run([*common, "--kl-beta", "100", "--out", with_kl])
+    run([*common, "--kl-beta", "0", "--out", without])
+    rows = metrics(with_kl)
     assert len(rows) == 2 and all(r["ratio_dev"] < 1e-4 for r in rows) and "eval_oracle" in rows[-1]
-    assert all(0 <= r["reward"] <= 1 for r in rows)  # the oracle's range
-    assert os.path.isfile(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
+    assert all(0 < r["reward"] < 1 for r in rows)  # the oracle's range, not its floor
+    assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0, rows
+    first = metrics(without)[0]["grad_norm"]
+    assert first == pytest.approx(rows[0]["grad_norm"], rel=1e-4)  # the KL's gradient is 0 at the first update
+    a, b = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False)["lora"] for d in (with_kl, without))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4  # the second update differs by the KL's pull
+    assert os.path.isfile(os.path.join(with_kl, "lora", "pytorch_lora_weights.safetensors"))
 
 
 @pytest.mark.parametrize("mode", ["step", "grpo"])
@@ -406,17 +424,20 @@ def test_torchrun_two_processes_follow_the_one_process_run(tiny_dir, drm_file, t
     """The same global batch and seed on one and two processes: the same samples (noise is seeded per prompt
     position), the same averaged gradients, hence the same curve and weights up to float summation order."""
     common = ["--model", tiny_dir, "--drm", drm_file, "--mode", mode, "--k", "2", "--group", "2", "--max-steps", "2",
-              "--continue", "random", *RUN]
+              "--continue", "random", *RUN, "--eval-num", "4"]  # later flags win: two evaluation prompts a rank
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run([*common, "--out", one])
     run([*common, "--out", two], nproc=2)
     rows_one, rows_two = metrics(one, base=True), metrics(two, base=True)
     assert [r["step"] for r in rows_two] == [0, 1, 2] and all(r["ratio_dev"] < 1e-4 for r in rows_two[1:])
     assert rows_one[1]["reward"] != rows_one[2]["reward"]  # the compared numbers move between steps
+    assert rows_one[0]["eval_prompts"] == rows_two[0]["eval_prompts"] == 4
+    # Relative agreement: the loss (~1e-5) and the gradient norm (~1e-3) are small, so an absolute tolerance could not
+    # fail; the two runs differ only in float summation order (all-reduce of the gradients, the split evaluation).
     for a, b in zip(rows_one, rows_two):  # the base evaluation too: its prompts are split between the ranks
         for key in ("reward", "reward_chosen", "loss", "grad_norm", "eval_drm", "eval_oracle"):
             if key in a:
-                assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-9), (key, a[key], b[key])
     lora_one = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=False)["lora"]
     checkpoint = torch.load(os.path.join(two, "checkpoint.pt"), weights_only=False)
     assert len(checkpoint["rng"]) == 2
@@ -616,12 +637,14 @@ def test_compare_bad_inputs(drm_file, tmp_path):
         "error: --minutes 0.0: must be > 0 (step_grpo.py reads 0 as no time limit)"]
 
 
-def test_compare_grpo_end_to_end(tiny_dir, drm_file, tmp_path):
+def test_compare_grpo_end_to_end(tmp_path):
+    """On the shipped toy pipeline and DRM, where the oracle's evaluation scores are not all 0."""
     import shlex
     out = tmp_path / "compare"
-    command = [sys.executable, "-m", "toy.compare_grpo", "--drm", drm_file, "--out", str(out), "--minutes", "0.02",
+    extra = TOY_RUN[:TOY_RUN.index("--eval-every")]  # the driver sets --eval-every itself
+    command = [sys.executable, "-m", "toy.compare_grpo", "--out", str(out), "--minutes", "0.02",
                "--seeds", "0", "--configs", "step_k2_best,grpo", "--group", "2", "--eval-every", "2",
-               "--extra", shlex.join(["--model", str(tiny_dir), *RUN])]
+               "--extra", shlex.join(extra)]
     result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     with open(out / "summary.json") as f:
@@ -633,6 +656,7 @@ def test_compare_grpo_end_to_end(tiny_dir, drm_file, tmp_path):
         assert os.path.isfile(out / f"{name}_s0" / "done.json") and os.path.isfile(out / f"{name}_s0" / "checkpoint.pt")
         assert entry["final_steps"] == [run_rows[-1]["step"]] and entry["final_eval_oracle_ci95"] is None  # 1 seed
         assert entry["final_eval_drm"] == pytest.approx(run_rows[-1]["eval_drm"])
+        assert 0 < entry["final_eval_oracle"] == pytest.approx(run_rows[-1]["eval_oracle"])
     with Image.open(out / "before_after.png") as grid:  # per configuration: its step-0 and its last samples
         row = Image.open(out / "grpo_s0" / "samples" / "step_000000.png")
         assert grid.size == (170 + row.width, 2 * 2 * row.height)
@@ -751,3 +775,37 @@ def test_grpo_gradient_is_flow_grpos(tiny_dir, monkeypatch, tmp_path):
     want = torch.cat([t.flatten() for t in expected])
     assert want.norm() > 0
     assert (got - want).norm() <= 1e-4 * want.norm(), float((got - want).norm() / want.norm())
+
+
+def test_the_ratio_uses_the_stored_log_probs(tiny_dir, monkeypatch, tmp_path):
+    """The rollout's stored log-probs shifted by delta: the first update's ratio exp(logp - logp_old) is exp(-delta),
+    so the logged mean |ratio - 1| is |exp(-delta) - 1|. Catches: the loss taking the ratio against the new
+    log-probs themselves (ppo_clip_loss(logp, logp.detach(), ...)), whose ratio is 1 whatever was stored."""
+    delta = float(torch.empty(()).uniform_(0.01, 0.05)) * (1 if torch.rand(()) < 0.5 else -1)
+    rollout = step_grpo.rollout
+
+    def shifted(prompts, ctx, generators):
+        records, embeds, log = rollout(prompts, ctx, generators)
+        for record in records:
+            record["logp"] = record["logp"] + delta
+        return records, embeds, log
+    monkeypatch.setattr(step_grpo, "rollout", shifted)
+    monkeypatch.setattr(step_grpo, "oracle_scores", lambda vae, latents, prompts: latents[:, 0].flatten(1).mean(1))
+    out = str(tmp_path / "shifted")
+    step_grpo.main(step_grpo.parse_args([*RUN, "--model", tiny_dir, "--reward", "oracle", "--mode", "step", "--k",
+                                         "2", "--max-steps", "1", "--eval-every", "0", "--out", out]))
+    row = metrics(out)[0]
+    assert row["ratio_dev"] == pytest.approx(abs(math.exp(-delta) - 1), rel=1e-3), (delta, row["ratio_dev"])
+    assert row["clip_frac"] == 1.0  # |ratio - 1| > 1e-4 everywhere: every sample clipped
+
+
+def test_a_second_inner_epoch_is_off_policy(tiny_dir, monkeypatch, tmp_path):
+    """--inner-epochs 2: the first epoch's ratio is 1 (on-policy), the second's is not (the first update moved the
+    policy away from the stored log-probs). Catches: the stored log-probs recomputed or ignored in the loss."""
+    monkeypatch.setattr(step_grpo, "oracle_scores", lambda vae, latents, prompts: latents[:, 0].flatten(1).mean(1))
+    out = str(tmp_path / "epochs")
+    step_grpo.main(step_grpo.parse_args([*RUN, "--model", tiny_dir, "--reward", "oracle", "--mode", "grpo",
+                                         "--group", "2", "--inner-epochs", "2", "--max-steps", "2", "--eval-every",
+                                         "0", "--seed", str(int(torch.randint(0, 1000, ()))), "--out", out]))
+    for row in metrics(out):
+        assert row["ratio_dev"] < 1e-5 and row["ratio_dev_last_epoch"] > 1e-4, row  # past the clip range
