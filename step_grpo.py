@@ -44,7 +44,6 @@ Departures from the paper / Flow-GRPO (README.md has the full table of Flow-GRPO
 """
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -185,8 +184,8 @@ def flow_grpo_kl(mean, mean_ref, sigma, sigma_next, noise_level):
     """Flow-GRPO's KL term of one step: mean over rows of mean_CHW((mu - mu_ref)^2) / (2 std_dev_t^2), std_dev_t =
     a sqrt(sigma / (1 - sigma)) (sigma_next in the denominator at sigma = 1) without the step's sqrt(-dt) factor:
     the exact Gaussian KL of the step divided by |dt|, so their beta means the same here."""
-    sigma, sigma_next = float(sigma), float(sigma_next)
-    std_dev_t = noise_level * math.sqrt(sigma / (1 - (sigma_next if sigma == 1 else sigma)))
+    sigma, sigma_next = torch.as_tensor(sigma, device=mean.device), torch.as_tensor(sigma_next, device=mean.device)
+    std_dev_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))  # no host sync
     return ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))).mean() / (2 * std_dev_t ** 2)
 
 
